@@ -1,0 +1,204 @@
+"""Find a catalogue model's weights and load its diffusers pipeline as the launch options ask.
+
+Weights come from, in order: an explicit local directory, the tiny random-weight checkpoint, the Hugging Face
+cache, the hub. Every failure a user can cause (no weights, no GPU, wrong checkpoint, missing bitsandbytes) is a
+`ModelLoadError` whose message says what to do, raised before any large weights are read where possible.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from diffusers import DiffusionPipeline
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+from engine.catalogue import ModelSpec
+from engine.options import LaunchOptions, resolve_dtype
+from engine.tiny import tiny_checkpoint
+
+# The text-to-image pipeline class each family runs on, as named in a checkpoint's model_index.json.
+FAMILY_PIPELINES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
+# What a hub download fetches: the diffusers layout in full precision, not the single-file or fp16 duplicates.
+_HUB_ALLOW = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+_HUB_IGNORE = ["*.fp16.*", "*non_ema*"]
+_TRUE = frozenset({"1", "true", "yes", "on"})
+
+
+class ModelLoadError(RuntimeError):
+    """A model cannot be loaded as asked; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded pipeline with where it runs and where its weights came from."""
+
+    spec: ModelSpec
+    pipeline: DiffusionPipeline
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, from HF_HUB_CACHE or HF_HOME as they are now.
+
+    huggingface_hub reads these variables once, at import; reading them here honours a change made later in the
+    process (a launcher, a test) and is what snapshot_download is then told.
+    """
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(hub_constants.HF_HUB_CACHE)
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as it is now; see hub_cache_dir for why not the import-time value."""
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return flag.strip().lower() in _TRUE or hub_constants.HF_HUB_OFFLINE
+
+
+def resolve_weights(spec: ModelSpec, options: LaunchOptions) -> Path:
+    """The local diffusers directory to load `spec` from, downloading it only when nothing local has it."""
+    if options.model_path:
+        path = Path(options.model_path).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"model_path {str(path)!r} is not a diffusers checkpoint: it has no model_index.json; pass a "
+                "directory written by DiffusionPipeline.save_pretrained or downloaded from the hub"
+            )
+        return path
+    if options.tiny:
+        return tiny_checkpoint(spec.name)
+    cache = hub_cache_dir()
+    try:
+        path = Path(snapshot_download(spec.hub_id, cache_dir=cache, local_files_only=True))
+        if (path / "model_index.json").is_file():
+            return path
+    except LocalEntryNotFoundError:
+        pass
+    if _hub_offline():
+        raise _not_found(spec, cache, "the hub is not tried because HF_HUB_OFFLINE is set")
+    try:
+        return Path(snapshot_download(
+            spec.hub_id, cache_dir=cache, allow_patterns=_HUB_ALLOW, ignore_patterns=_HUB_IGNORE,
+        ))
+    except Exception as error:  # network, auth and gating errors all end the same way for the user
+        raise _not_found(spec, cache, f"downloading from the hub failed: {error}") from error
+
+
+def _not_found(spec: ModelSpec, cache: Path, reason: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"the weights of {spec.name} ({spec.hub_id}) are not in the Hugging Face cache (looked in {cache}, set by "
+        f"HF_HUB_CACHE or HF_HOME) and {reason}. Download them there, pass model_path=<a local diffusers "
+        "directory>, or pass tiny=True for random tiny weights"
+    )
+
+
+def resolve_device(options: LaunchOptions) -> torch.device:
+    """The device to run on; asking for CUDA where there is none is an error, not a silent CPU fallback."""
+    if options.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(options.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(
+                f"device={options.device!r}, but torch sees no CUDA device here (no GPU, or a CPU-only torch "
+                "build); use device='cpu' or device='auto'"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(
+                f"device={options.device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    return device
+
+
+def _read_model_index(path: Path) -> dict:
+    with open(path / "model_index.json", encoding="utf-8") as file:
+        return json.load(file)
+
+
+def _check_family(spec: ModelSpec, index: dict, path: Path) -> None:
+    """The checkpoint's pipeline class (what DiffusionPipeline.from_pretrained will build) must be the one the
+    model's family adapter drives; checked from model_index.json, before any weights are read."""
+    expected = FAMILY_PIPELINES[spec.family]
+    found = index.get("_class_name")
+    if found != expected:
+        raise ModelLoadError(
+            f"{path} holds a {found} checkpoint, but {spec.name} is a {spec.family} model that needs a {expected} "
+            "checkpoint; point model_path at the right model"
+        )
+
+
+def _quantized_text_encoder(path: Path, index: dict, name: str, options: LaunchOptions, dtype: torch.dtype,
+                            device: torch.device) -> torch.nn.Module:
+    """Load one text encoder through transformers' bitsandbytes loader, which, unlike diffusers' own, also
+    works without a GPU. It is loaded straight onto its device, so it never needs moving afterwards."""
+    library, class_name = index.get(name) or (None, None)
+    if library != "transformers":
+        raise ModelLoadError(f"quantize_text_encoder: {path} has no transformers text encoder named {name!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            "quantize_text_encoder needs bitsandbytes, which is not installed: pip install 'kiln[quantize]', "
+            "or launch with quantize_text_encoder=''"
+        )
+    if options.text_encoder_quantization == "8-bit":
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_compute_dtype=dtype)
+    model_class = getattr(transformers, class_name)
+    try:
+        return model_class.from_pretrained(path, subfolder=name, quantization_config=config, dtype=dtype,
+                                           device_map={"": device})
+    except Exception as error:  # bitsandbytes' failures depend on its build and the device
+        raise ModelLoadError(
+            f"could not load {name} of {path} in {options.text_encoder_quantization}: {error}; launch without "
+            f"quantizing {name}, or with text_encoder_quantization='8-bit'"
+        ) from error
+
+
+def load_model(spec: ModelSpec, options: LaunchOptions) -> LoadedModel:
+    """Load the text-to-image pipeline of `spec` honouring dtype, device, offload, quantization and dropped T5."""
+    device = resolve_device(options)
+    if options.cpu_offload and device.type != "cuda":
+        why = "device='cpu' was asked for" if torch.cuda.is_available() else "there is no CUDA device"
+        raise ModelLoadError(
+            f"cpu_offload keeps models on the CPU and runs each on a GPU, but this launch runs on the CPU ({why}); "
+            "launch without cpu_offload, or with device='cuda' on a machine with a GPU"
+        )
+    dtype = getattr(torch, resolve_dtype(spec, options, device.type))
+    path = resolve_weights(spec, options)
+    index = _read_model_index(path)
+    _check_family(spec, index, path)
+    overrides = {name: _quantized_text_encoder(path, index, name, options, dtype, device)
+                 for name in options.quantize_text_encoder}
+    if options.drop_text_encoder_3:
+        overrides.update(text_encoder_3=None, tokenizer_3=None)
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, **overrides)
+    except Exception as error:  # corrupt or partial checkpoints fail in many library-specific ways
+        raise ModelLoadError(
+            f"could not load {spec.name} from {path}: {error}; check that it is a complete diffusers checkpoint"
+        ) from error
+    if options.cpu_offload:
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        # Quantized text encoders are on `device` already, so this does not move them.
+        pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return LoadedModel(spec=spec, pipeline=pipeline, device=device, dtype=dtype, source=str(path))

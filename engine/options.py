@@ -1,0 +1,192 @@
+"""Launch options: how a model is loaded and run, parsed and validated before anything touches torch.
+
+Launch options arrive as loosely typed key/values (Xinference's launch kwargs, CLI flags as strings, JSON), and a
+bad one must fail at launch with a message that names it and says what is accepted, not deep inside a loader. So
+this module turns them into one frozen `LaunchOptions` and stays torch-free, usable from the server and the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
+
+from engine.catalogue import ModelSpec
+
+DTYPES = ("float32", "float16", "bfloat16")
+HALF_DTYPES = frozenset({"float16", "bfloat16"})
+QUANTIZATIONS = ("8-bit", "4-bit")
+BACKENDS = ("eager",)
+FUTURE_BACKENDS = ("compile", "onnx", "tensorrt")
+# The text encoders each family's checkpoints have, by pipeline component name.
+FAMILY_TEXT_ENCODERS: Mapping[str, tuple[str, ...]] = {
+    "sd": ("text_encoder",),
+    "sdxl": ("text_encoder", "text_encoder_2"),
+    "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
+    "flux": ("text_encoder", "text_encoder_2"),
+}
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+_NONE = frozenset({"none", "null"})
+
+
+class LaunchOptionError(ValueError):
+    """A launch option is unknown, of the wrong type, or has a value that is not accepted."""
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Validated launch options of one model. Defaults are what a launch with no options gets."""
+
+    torch_dtype: str | None = None  # None: the catalogue default (float32 on CPU for half-precision defaults)
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (cuda when available)
+    cpu_offload: bool = False
+    quantize_text_encoder: tuple[str, ...] = ()
+    text_encoder_quantization: str = "8-bit"
+    drop_text_encoder_3: bool = False  # SD3 without T5, from text_encoder_3=None
+    tiny: bool = False  # use the tiny random-weight checkpoint (engine.tiny)
+    model_path: str | None = None  # a local diffusers directory
+    max_batch_size: int = 16  # images per denoiser forward
+    max_queue_size: int = 256  # jobs waiting for admission
+    backend: str = "eager"
+
+
+def resolve_dtype(spec: ModelSpec, options: LaunchOptions, device_type: str) -> str:
+    """The dtype to load in: an explicit one as given; else the catalogue default, except that half precision
+    becomes float32 on CPU, where float16 is slow or unsupported and bfloat16 much slower than float32."""
+    if options.torch_dtype is not None:
+        return options.torch_dtype
+    if device_type == "cpu" and spec.default_dtype in HALF_DTYPES:
+        return "float32"
+    return spec.default_dtype
+
+
+def _accepted(name: str, what: str, value: object) -> LaunchOptionError:
+    return LaunchOptionError(f"launch option {name!r}: got {value!r}; accepted: {what}")
+
+
+def _boolean(name: str, value: object) -> bool:
+    """A bool, or the strings a CLI would pass (true/false, 1/0, yes/no, on/off)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _accepted(name, "true or false", value)
+
+
+def _positive_int(name: str, value: object) -> int:
+    """An int >= 1, or its decimal string; bools and fractional numbers are refused."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise _accepted(name, "an integer >= 1", value)
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, object], str]:
+    def parse(name: str, value: object) -> str:
+        if isinstance(value, str) and value in choices:
+            return value
+        raise _accepted(name, " or ".join(repr(choice) for choice in choices), value)
+
+    return parse
+
+
+def _dtype(name: str, value: object) -> str | None:
+    """A dtype name; `torch.float16` (str of a torch dtype) is accepted too, None means the catalogue default."""
+    if value is None:
+        return None
+    return _choice(DTYPES)(name, value.removeprefix("torch.") if isinstance(value, str) else value)
+
+
+def _device(name: str, value: object) -> str:
+    if isinstance(value, str):
+        device = value.strip().lower()
+        index = device.removeprefix("cuda:")
+        if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and index.isdigit()):
+            return device
+    raise _accepted(name, "'auto', 'cpu', 'cuda' or 'cuda:N'", value)
+
+
+def _names(name: str, value: object) -> tuple[str, ...]:
+    """Component names from a comma-separated string or a list of strings, without repeats."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise _accepted(name, "a comma-separated string or a list of text encoder names", value)
+    return tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
+
+
+def _model_path(name: str, value: object) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    raise _accepted(name, "a path to a local diffusers directory", value)
+
+
+def _drop(name: str, value: object) -> bool:
+    """text_encoder_3 takes only None: Xinference's way of saying "load SD3 without its T5 encoder"."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+        return True
+    raise _accepted(name, "None (load SD3 without its T5 text encoder)", value)
+
+
+def _backend(name: str, value: object) -> str:
+    if value in FUTURE_BACKENDS:
+        raise LaunchOptionError(f"launch option {name!r}: backend {value!r} is not available yet; accepted: eager")
+    return _choice(BACKENDS)(name, value)
+
+
+# Launch option name -> (LaunchOptions field, parser).
+_OPTIONS: Mapping[str, tuple[str, Callable[[str, object], object]]] = {
+    "torch_dtype": ("torch_dtype", _dtype),
+    "device": ("device", _device),
+    "cpu_offload": ("cpu_offload", _boolean),
+    "quantize_text_encoder": ("quantize_text_encoder", _names),
+    "text_encoder_quantization": ("text_encoder_quantization", _choice(QUANTIZATIONS)),
+    "text_encoder_3": ("drop_text_encoder_3", _drop),
+    "tiny": ("tiny", _boolean),
+    "model_path": ("model_path", _model_path),
+    "max_batch_size": ("max_batch_size", _positive_int),
+    "max_queue_size": ("max_queue_size", _positive_int),
+    "backend": ("backend", _backend),
+}
+
+
+def parse_launch_options(spec: ModelSpec, raw: Mapping[str, object]) -> LaunchOptions:
+    """Merge the catalogue's default launch options under `raw` and validate the result against the model."""
+    unknown = sorted(set(raw) - set(_OPTIONS))
+    if unknown:
+        raise LaunchOptionError(f"unknown launch option {unknown[0]!r}; accepted: {', '.join(_OPTIONS)}")
+    fields = {}
+    for name, value in {**spec.default_launch, **raw}.items():
+        field_name, parse = _OPTIONS[name]
+        fields[field_name] = parse(name, value)
+    options = LaunchOptions(**fields)
+    _check_text_encoders(spec, options, explicit=_names("quantize_text_encoder", raw.get("quantize_text_encoder")))
+    if options.drop_text_encoder_3 and "text_encoder_3" in options.quantize_text_encoder:
+        # Only the catalogue default can get here (an explicit request is refused above): drop it quietly.
+        kept = tuple(name for name in options.quantize_text_encoder if name != "text_encoder_3")
+        options = replace(options, quantize_text_encoder=kept)
+    return options
+
+
+def _check_text_encoders(spec: ModelSpec, options: LaunchOptions, explicit: tuple[str, ...]) -> None:
+    """Quantized and dropped text encoders must exist in the model's family, and not contradict each other."""
+    encoders = FAMILY_TEXT_ENCODERS[spec.family]
+    for name in options.quantize_text_encoder:
+        if name not in encoders:
+            raise LaunchOptionError(
+                f"launch option 'quantize_text_encoder': {spec.name} ({spec.family}) has no {name!r}; "
+                f"accepted: {', '.join(encoders)}"
+            )
+    if options.drop_text_encoder_3 and "text_encoder_3" not in encoders:
+        raise LaunchOptionError(
+            f"launch option 'text_encoder_3': {spec.name} ({spec.family}) has no text_encoder_3; only SD3 models do"
+        )
+    if options.drop_text_encoder_3 and "text_encoder_3" in explicit:
+        raise LaunchOptionError(
+            "launch options 'text_encoder_3' and 'quantize_text_encoder' conflict: text_encoder_3=None drops the "
+            "encoder that quantize_text_encoder asks to quantize; pass only one of them"
+        )

@@ -1,0 +1,29 @@
+"""Test-wide setup: one torch thread, and a tiny-checkpoint cache inside the repo that later runs reuse."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two threads on these 2-core machines collapse under load (DESIGN.md, performance notes).
+torch.set_num_threads(1)
+
+KILN_CACHE = Path(__file__).resolve().parent.parent / ".kiln-cache"
+# Subprocesses and code that uses the default cache root (load_model with tiny=True) find the same cache.
+os.environ["KILN_CACHE"] = str(KILN_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tiny_root() -> Path:
+    """The tiny checkpoints' cache root, with every catalogue model built (once; later runs reuse them).
+
+    `engine.tiny.tiny_checkpoint(name, cache_root=tiny_root)` gives one model's directory.
+    """
+    from engine.catalogue import CATALOGUE
+    from engine.tiny import tiny_checkpoint
+
+    root = KILN_CACHE / "tiny"
+    for name in CATALOGUE:
+        tiny_checkpoint(name, cache_root=root)
+    return root
