@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 import transformers
 from diffusers import DiffusionPipeline
@@ -50,6 +52,17 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: str
+
+
+def _quiet_libraries() -> None:
+    """A server's log is not a terminal: no per-component progress bars, and no bitsandbytes warning on every
+    8-bit forward (it says the CPU path casts activations to float16, which is expected)."""
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+
+_quiet_libraries()
 
 
 def hub_cache_dir() -> Path:
@@ -153,7 +166,7 @@ def _quantized_text_encoder(path: Path, index: dict, name: str, options: LaunchO
         raise ModelLoadError(f"quantize_text_encoder: {path} has no transformers text encoder named {name!r}")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError(
-            "quantize_text_encoder needs bitsandbytes, which is not installed: pip install 'kiln[quantize]', "
+            "quantize_text_encoder needs bitsandbytes, which is not installed: pip install bitsandbytes, "
             "or launch with quantize_text_encoder=''"
         )
     if options.text_encoder_quantization == "8-bit":

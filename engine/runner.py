@@ -1,0 +1,219 @@
+"""A runner is one launched model: its components, its scheduler, and the one thread that does its torch work.
+
+Callers (the server's event loop, tests, benchmarks) only `submit`, `abort` and read progress and stats; every
+tensor is touched by the scheduler thread alone, so no lock is held around model code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE, ModelSpec
+from .execution import Executor
+from .families import make_family
+from .loading import LoadedModel, load_model
+from .options import LaunchOptions
+from .requests import EngineError, ImageRequest, InvalidRequest, Job, RequestAborted, RequestHandle
+from .samplers import sampler_names
+from .scheduler import Scheduler, StepPlan
+
+log = logging.getLogger("kiln.engine")
+
+MAX_STEPS = 500
+MAX_GUIDANCE = 100.0
+_MODE_ABILITY = {"text2image": TEXT2IMAGE, "image2image": IMAGE2IMAGE, "inpainting": INPAINTING}
+_RECENT_REQUESTS = 1024  # finished requests whose progress stays readable
+
+
+@dataclass
+class RunnerStats:
+    """Counters for /metrics, updated by the scheduler thread."""
+
+    images_generated: int = 0
+    requests_failed: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0
+    forward_rows: Counter = field(default_factory=Counter)  # rows per denoiser forward -> count
+    forward_seconds: float = 0.0
+
+
+class Runner:
+    """One launched model. `load()` blocks; `submit()` is safe from any thread."""
+
+    def __init__(self, uid: str, spec: ModelSpec, options: LaunchOptions):
+        self.uid = uid
+        self.spec = spec
+        self.options = options
+        self.status = "created"  # created -> loading -> ready | failed; stopped after close()
+        self.error: str | None = None
+        self.created = int(time.time())
+        self.stats = RunnerStats()
+        self.scheduler = Scheduler(options.max_batch_size, options.max_queue_size)
+        self.loaded: LoadedModel | None = None
+        self.executor: Executor | None = None
+        self._requests: OrderedDict[str, RequestHandle] = OrderedDict()
+        self._requests_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------------
+    def load(self, start: bool = True) -> None:
+        """Load the weights and start the scheduler thread. Raises (and records) load errors.
+
+        With start=False no thread runs and the caller drives the loop with `iterate()`, one step at a time:
+        tests use this to make requests join at chosen steps."""
+        self.status = "loading"
+        try:
+            self.loaded = load_model(self.spec, self.options)
+            family = make_family(self.spec.family, self.loaded.pipeline, self.loaded.device, self.loaded.dtype)
+            self.executor = Executor(family, self.options.max_batch_size)
+            self.executor.on_forward = self._record_forward
+        except Exception as error:
+            self.status, self.error = "failed", str(error)
+            raise
+        if start:
+            self._thread = threading.Thread(target=self._loop, name=f"kiln-scheduler-{self.uid}", daemon=True)
+            self._thread.start()
+        self.status = "ready"
+
+    def close(self) -> None:
+        """Stop the thread; requests still waiting or running fail with RequestAborted."""
+        self._stopping.set()
+        self.scheduler.wake()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self._requests_lock:
+            handles = list(self._requests.values())
+        for handle in handles:
+            handle.fail(RequestAborted(f"model {self.uid} was terminated"))
+        self.status = "stopped"
+
+    # --- the doors ------------------------------------------------------------------------------------------
+    def validate(self, request: ImageRequest) -> None:
+        """Engine-side checks (the server checks the same with friendlier messages); raises InvalidRequest."""
+        spec = self.spec
+        ability = _MODE_ABILITY[request.mode]
+        if ability not in spec.abilities:
+            raise InvalidRequest(f"model {self.uid} ({spec.name}) cannot do {ability}; it can: {', '.join(spec.abilities)}")
+        for name, value in (("width", request.width), ("height", request.height)):
+            if value % spec.stride or not spec.min_size <= value <= spec.max_size:
+                raise InvalidRequest(
+                    f"{name} {value} must be a multiple of {spec.stride} between {spec.min_size} and {spec.max_size}"
+                )
+        if not 1 <= request.steps <= MAX_STEPS:
+            raise InvalidRequest(f"num_inference_steps must be between 1 and {MAX_STEPS}")
+        if not (math.isfinite(request.guidance_scale) and 0 <= request.guidance_scale <= MAX_GUIDANCE):
+            raise InvalidRequest(f"guidance_scale must be between 0 and {MAX_GUIDANCE}")
+        if request.strength is not None and not 0 < request.strength <= 1:
+            raise InvalidRequest("strength must be in (0, 1]")
+        if request.sampler not in sampler_names(spec.is_flow):
+            raise InvalidRequest(
+                f"unknown sampler_name {request.sampler!r}; this model accepts: {', '.join(sampler_names(spec.is_flow))}"
+            )
+        if not 1 <= request.image_count <= self.options.max_queue_size:
+            raise InvalidRequest(f"a request may ask for 1 to {self.options.max_queue_size} images")
+        with self._requests_lock:
+            if request.request_id in self._requests and not self._requests[request.request_id].future.done():
+                raise InvalidRequest(f"request_id {request.request_id!r} is already running")
+
+    def submit(self, request: ImageRequest) -> RequestHandle:
+        """Queue a request; raises InvalidRequest, or QueueFull when the waiting queue is at its bound."""
+        if self.status != "ready":
+            raise EngineError(f"model {self.uid} is not ready (status: {self.status})")
+        self.validate(request)
+        handle = RequestHandle(request, lane=(request.width, request.height))
+        self.scheduler.add(handle.jobs)
+        with self._requests_lock:
+            self._requests[request.request_id] = handle
+            while len(self._requests) > _RECENT_REQUESTS and next(iter(self._requests.values())).future.done():
+                self._requests.popitem(last=False)
+        handle.future.add_done_callback(lambda future: self._count_outcome(future, handle))
+        return handle
+
+    def get(self, request_id: str) -> RequestHandle | None:
+        with self._requests_lock:
+            return self._requests.get(request_id)
+
+    def abort(self, request_id: str) -> str:
+        """Xinference's abort answer: DONE (cancelled), NO_OP (already finished) or NOT_FOUND."""
+        handle = self.get(request_id)
+        if handle is None:
+            return "NOT_FOUND"
+        if not handle.cancel():
+            return "NO_OP"
+        self.scheduler.wake()
+        return "DONE"
+
+    @property
+    def queue_depth(self) -> int:
+        return self.scheduler.waiting_count
+
+    @property
+    def active_jobs(self) -> int:
+        return self.scheduler.active_count
+
+    # --- the scheduler thread -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            if self.scheduler.wait_for_work(timeout=0.5):
+                self.iterate()
+
+    @torch.no_grad()
+    def iterate(self) -> None:
+        """One turn of the loop: plan, execute, update."""
+        plan = self.scheduler.schedule()
+        try:
+            self.execute(plan)
+        except Exception as error:  # noqa: BLE001 - a bug here must not kill the model
+            log.exception("scheduler iteration failed")
+            for job in plan.admitted + plan.jobs:
+                self._fail(job, EngineError(f"internal error: {error}"))
+        self.scheduler.update(plan)
+
+    def execute(self, plan: StepPlan) -> None:
+        """All tensor work of one iteration."""
+        assert self.executor is not None
+        for job in plan.dropped:
+            if job.handle.cancelled:
+                job.handle.fail(RequestAborted(f"The request has been cancelled: {job.request.request_id}"))
+        self.executor.admit([job for job in plan.admitted if _live(job)], self._fail)
+        jobs = [job for job in plan.jobs if _live(job) and job.state is not None]
+        if not jobs:
+            return
+        started = time.perf_counter()
+        self.executor.step(jobs, self._fail)
+        self.stats.steps += 1
+        self.stats.step_seconds += time.perf_counter() - started
+        finished = [job for job in jobs if job.finished and _live(job)]
+        for job, image in self.executor.decode(finished, self._fail).items():
+            job.state = None  # free the tensors now; the image is all that is left
+            job.handle.complete_job(job, image)
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        """A job's fault fails its own request only, with the error's message."""
+        if isinstance(error, (InvalidRequest, RequestAborted, EngineError)):
+            job.handle.fail(error)
+        else:
+            log.warning("request %s failed: %r", job.request.request_id, error, exc_info=error)
+            job.handle.fail(EngineError(f"{type(error).__name__}: {error}"))
+
+    def _record_forward(self, rows: int, seconds: float) -> None:
+        self.stats.forward_rows[rows] += 1
+        self.stats.forward_seconds += seconds
+
+    def _count_outcome(self, future, handle: RequestHandle) -> None:
+        if future.exception() is None:
+            self.stats.images_generated += len(handle.jobs)
+        else:
+            self.stats.requests_failed += 1
+
+
+def _live(job: Job) -> bool:
+    return not (job.handle.future.done() or job.handle.cancelled)
