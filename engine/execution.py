@@ -78,7 +78,7 @@ class Executor:
                 return {}
             if is_out_of_memory(error):
                 half = len(jobs) // 2
-                self.forward_limit = min(self.forward_limit, half)
+                self.forward_limit = min(self.forward_limit, len(jobs) - 1)  # the largest size not yet refused
                 parts = [jobs[:half], jobs[half:]]
             else:
                 parts = [[job] for job in jobs]
