@@ -18,7 +18,7 @@ from PIL import Image
 
 from .families.base import Conditioning, Family
 from .requests import InvalidRequest, Job
-from .samplers import make_sampler, step_accepts_generator
+from .samplers import SamplerFactory, step_accepts_generator
 
 FailJob = Callable[[Job, BaseException], None]
 Result = TypeVar("Result")
@@ -61,6 +61,7 @@ class Executor:
 
     def __init__(self, family: Family, max_batch_size: int):
         self.family = family
+        self.samplers = SamplerFactory(family.pipeline.scheduler, family.flow)
         self.forward_limit = max_batch_size  # jobs per denoiser forward; lowered after an out-of-memory error
         self.on_forward: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
 
@@ -116,7 +117,7 @@ class Executor:
         family, request = self.family, job.request
         width, height = request.width, request.height
         generator = torch.Generator("cpu").manual_seed(job.seed)
-        sampler = make_sampler(request.sampler, family.pipeline.scheduler, family.flow)
+        sampler = self.samplers.make(request.sampler)
         family.configure_sampler(sampler, request.steps, width, height)
         timesteps = sampler.timesteps
         size_cond = family.size_conditioning(width, height)

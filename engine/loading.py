@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,8 +186,18 @@ def _quantized_text_encoder(path: Path, index: dict, name: str, options: LaunchO
         ) from error
 
 
+# diffusers and transformers switch process-wide torch state while they build models (default dtype, meta-device
+# init), so two loads in parallel threads corrupt each other ("Cannot copy out of meta tensor"): one at a time.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model(spec: ModelSpec, options: LaunchOptions) -> LoadedModel:
     """Load the text-to-image pipeline of `spec` honouring dtype, device, offload, quantization and dropped T5."""
+    with _LOAD_LOCK:
+        return _load_model(spec, options)
+
+
+def _load_model(spec: ModelSpec, options: LaunchOptions) -> LoadedModel:
     device = resolve_device(options)
     if options.cpu_offload and device.type != "cuda":
         why = "device='cpu' was asked for" if torch.cuda.is_available() else "there is no CUDA device"

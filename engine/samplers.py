@@ -6,6 +6,7 @@ jobs at different timesteps. Every job therefore gets its own instance, built fr
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -55,6 +56,20 @@ def make_sampler(name: str, base: Any, flow: bool) -> Any:
     if class_name.startswith("DPMSolver") and "final_sigmas_type" not in base.config:
         overrides = {"final_sigmas_type": "sigma_min", **overrides}
     return getattr(diffusers, class_name).from_config(config, **overrides)
+
+
+class SamplerFactory:
+    """Per-job samplers for one model. Building from a config costs milliseconds (signature inspection); a deep
+    copy of a cached, never-stepped template of the same name costs a fifth of that, per admitted job."""
+
+    def __init__(self, base: Any, flow: bool):
+        self.base, self.flow = base, flow
+        self._templates: dict[str, Any] = {}
+
+    def make(self, name: str) -> Any:
+        if name not in self._templates:
+            self._templates[name] = make_sampler(name, self.base, self.flow)
+        return copy.deepcopy(self._templates[name])
 
 
 def step_accepts_generator(sampler: Any) -> bool:
