@@ -14,6 +14,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
+from .denoisers import Denoiser
+
 Conditioning = dict[str, torch.Tensor]
 
 
@@ -21,6 +23,7 @@ class Family:
     """Base adapter; subclasses fill in encoding, the denoiser call and the latent <-> pixel maps."""
 
     name = ""
+    flow = False  # flow-matching families (SD3, FLUX) sample with FlowMatchEuler
     # Linear latent -> RGB factors (rows: latent channels) for cheap streaming previews; None: channel mean.
     preview_factors: list[list[float]] | None = None
 
@@ -30,7 +33,7 @@ class Family:
         self.dtype = dtype
         self.vae = pipeline.vae
         self.vae_scale_factor = pipeline.vae_scale_factor
-        self.flow = False
+        self.denoiser = self.make_denoiser()  # a backend may replace it with a compiled twin of the same signature
         if dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
             self.vae.to(torch.float32)  # fp16 SDXL VAEs overflow; diffusers upcasts them the same way
 
@@ -76,7 +79,11 @@ class Family:
         return mask
 
     # --- the denoiser -----------------------------------------------------------------------------------
-    def denoise(
+    def make_denoiser(self) -> Denoiser:
+        """The denoiser as a flat-signature module (see denoisers.py), what every backend runs."""
+        raise NotImplementedError
+
+    def denoiser_inputs(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
@@ -84,9 +91,14 @@ class Family:
         guidance: torch.Tensor,
         width: int,
         height: int,
-    ) -> torch.Tensor:
-        """One batched forward: row i has its own timestep, conditioning and (where embedded) guidance."""
+    ) -> dict[str, torch.Tensor]:
+        """The named inputs of one batched forward: row i has its own timestep, conditioning and guidance."""
         raise NotImplementedError
+
+    def denoise(self, latents, timesteps, cond, guidance, width, height) -> torch.Tensor:
+        """One batched forward through whichever backend runs the denoiser."""
+        inputs = self.denoiser_inputs(latents, timesteps, cond, guidance, width, height)
+        return self.denoiser(*(inputs[name] for name in self.denoiser.input_names))
 
     # --- pixels <-> latents -----------------------------------------------------------------------------
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:

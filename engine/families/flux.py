@@ -7,14 +7,15 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import Conditioning, Family
+from .denoisers import Denoiser, FluxDenoiser
 
 
 class FluxFamily(Family):
     name = "flux"
+    flow = True
 
     def __init__(self, pipeline, device, dtype, max_sequence_length: int = 512):
         super().__init__(pipeline, device, dtype)
-        self.flow = True
         self.max_sequence_length = max_sequence_length
         self.guidance_embeds = bool(pipeline.transformer.config.guidance_embeds)
 
@@ -62,18 +63,22 @@ class FluxFamily(Family):
         sigmas = np.linspace(1.0, 1 / steps, steps)
         sampler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
 
-    def denoise(self, latents, timesteps, cond, guidance, width, height):
+    def make_denoiser(self) -> Denoiser:
+        return FluxDenoiser(self.pipeline.transformer)
+
+    def denoiser_inputs(self, latents, timesteps, cond, guidance, width, height):
         latent_h, latent_w = self._latent_hw(width, height)
-        image_ids = self.pipeline._prepare_latent_image_ids(None, latent_h // 2, latent_w // 2, self.device, latents.dtype)
         text = cond["encoder_hidden_states"]
-        text_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=text.dtype)  # as FluxPipeline makes them
-        return self.pipeline.transformer(
-            hidden_states=latents,
-            timestep=timesteps.to(latents.dtype) / 1000,
-            guidance=guidance if self.guidance_embeds else None,
-            pooled_projections=cond["pooled_projections"],
-            encoder_hidden_states=cond["encoder_hidden_states"],
-            txt_ids=text_ids,
-            img_ids=image_ids,
-            return_dict=False,
-        )[0]
+        inputs = {
+            "hidden_states": latents,
+            "timestep": timesteps.to(latents.dtype) / 1000,  # as FluxPipeline scales it
+            "pooled_projections": cond["pooled_projections"],
+            "encoder_hidden_states": text,
+            "txt_ids": torch.zeros(text.shape[1], 3, device=self.device, dtype=text.dtype),
+            "img_ids": self.pipeline._prepare_latent_image_ids(
+                None, latent_h // 2, latent_w // 2, self.device, latents.dtype
+            ),
+        }
+        if self.guidance_embeds:
+            inputs["guidance"] = guidance
+        return inputs

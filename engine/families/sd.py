@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Conditioning, Family
+from .denoisers import Denoiser, UNetDenoiser
 
 
 class SDFamily(Family):
@@ -21,8 +22,8 @@ class SDFamily(Family):
         embeds, _ = self.pipeline.encode_prompt(texts, self.device, 1, False)
         return [{"encoder_hidden_states": embeds[i : i + 1]} for i in range(len(texts))]
 
-    def denoise(self, latents, timesteps, cond, guidance, width, height):
-        return self.pipeline.unet(latents, timesteps, return_dict=False, **self._unet_kwargs(cond))[0]
+    def make_denoiser(self) -> Denoiser:
+        return UNetDenoiser(self.pipeline.unet)
 
-    def _unet_kwargs(self, cond: Conditioning) -> dict:
-        return {"encoder_hidden_states": cond["encoder_hidden_states"]}
+    def denoiser_inputs(self, latents, timesteps, cond, guidance, width, height):
+        return {"sample": latents, "timestep": timesteps, **cond}

@@ -6,14 +6,15 @@ import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import Conditioning, Family
+from .denoisers import Denoiser, SD3Denoiser
 
 
 class SD3Family(Family):
     name = "sd3"
+    flow = True
 
     def __init__(self, pipeline, device, dtype, max_sequence_length: int = 256):
         super().__init__(pipeline, device, dtype)
-        self.flow = True
         self.max_sequence_length = max_sequence_length
 
     @torch.no_grad()
@@ -42,8 +43,8 @@ class SD3Family(Family):
         )
         sampler.set_timesteps(steps, device=self.device, mu=mu)
 
-    def denoise(self, latents, timesteps, cond, guidance, width, height):
-        return self.pipeline.transformer(
-            hidden_states=latents, timestep=timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
-            pooled_projections=cond["pooled_projections"], return_dict=False,
-        )[0]
+    def make_denoiser(self) -> Denoiser:
+        return SD3Denoiser(self.pipeline.transformer)
+
+    def denoiser_inputs(self, latents, timesteps, cond, guidance, width, height):
+        return {"hidden_states": latents, "timestep": timesteps, **cond}

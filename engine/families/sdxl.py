@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Conditioning
+from .denoisers import Denoiser, SDXLUNetDenoiser
 from .sd import SDFamily
 
 
@@ -44,6 +45,5 @@ class SDXLFamily(SDFamily):
         )
         return {"time_ids": time_ids.to(self.device)}
 
-    def _unet_kwargs(self, cond: Conditioning) -> dict:
-        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
-        return {"encoder_hidden_states": cond["encoder_hidden_states"], "added_cond_kwargs": added}
+    def make_denoiser(self) -> Denoiser:
+        return SDXLUNetDenoiser(self.pipeline.unet)
