@@ -41,7 +41,7 @@ def encode(image: Image.Image, output_format: str = "png", quality: int | None =
     if output_format == "jpeg" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
     buffer = io.BytesIO()
-    options = {} if output_format == "png" else {"quality": quality or DEFAULT_QUALITY}
+    options = {} if output_format == "png" else {"quality": DEFAULT_QUALITY if quality is None else quality}
     image.save(buffer, format=_PIL_FORMATS[output_format], **options)
     return buffer.getvalue()
 

@@ -1,0 +1,177 @@
+"""The Starlette application: settings, the routing table, and the two guards every request passes (API keys,
+body size).
+
+    app = create_app()                       # a fresh ModelRegistry, default Settings
+    app = create_app(registry, settings=Settings(file_ttl_seconds=60, api_keys=frozenset({"k"})))
+    serve(app, "127.0.0.1", 9997)            # uvicorn on uvloop
+
+`create_app` owns (and closes at shutdown) the registry it creates; a registry passed in belongs to the caller,
+so several apps can share one set of models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Mapping
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine.images import ImageStore
+
+from .errors import EXCEPTION_HANDLERS, ApiError, error_response
+from .metrics import LatencyMiddleware, RequestLatency
+from .params import Limits
+from .registry import ModelRegistry
+from .routes import images, models, requests, system
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9997  # Xinference's
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server-wide knobs. Every bound has a default that matches OpenAI's or Xinference's where they have one."""
+
+    limits: Limits = field(default_factory=Limits)  # n <= 10 images, prompt <= 4000 chars, partial_images <= 3
+    max_body_bytes: int = 64 * 1024 * 1024  # whole request body, enforced while reading
+    max_upload_bytes: int = 32 * 1024 * 1024  # one uploaded image file
+    max_image_pixels: int = 4096 * 4096  # one uploaded image, checked from its header before decoding
+    file_ttl_seconds: float = 3600.0  # how long `url` images stay fetchable
+    file_dir: str | None = None  # where they are kept; None: a fresh temporary directory
+    retry_after_seconds: int = 5  # sent with 429 (queue full) and 503 (model loading)
+    api_keys: frozenset[str] = frozenset()  # non-empty: every route but /status and /v1/cluster/auth needs one
+    launch: tuple[Mapping[str, Any], ...] = ()  # launch bodies (as POST /v1/models) started at startup
+
+
+def routes() -> list[Route]:
+    """The routing table."""
+    return [
+        Route("/v1/images/generations", images.generations, methods=["POST"]),
+        Route("/v1/images/variations", images.variations, methods=["POST"]),
+        Route("/v1/images/inpainting", images.inpainting, methods=["POST"]),
+        Route("/v1/images/edits", images.edits, methods=["POST"]),
+        Route("/v1/images/files/{name}", images.stored_file, methods=["GET"]),
+        Route("/v1/models", models.launch, methods=["POST"]),
+        Route("/v1/models", models.list_models, methods=["GET"]),
+        Route("/v1/models/{uid}", models.describe, methods=["GET"]),
+        Route("/v1/models/{uid}", models.terminate, methods=["DELETE"]),
+        Route("/v1/models/{uid}/requests/{request_id}/abort", requests.abort, methods=["POST"]),
+        Route("/v1/requests/{request_id}/progress", requests.progress, methods=["GET"]),
+        Route("/v1/model_registrations/image", models.registrations, methods=["GET"]),
+        Route("/v1/model_registrations/image/{name}", models.registration, methods=["GET"]),
+        Route("/v1/cluster/auth", system.cluster_auth, methods=["GET"]),
+        Route("/status", system.status, methods=["GET"]),
+        Route("/metrics", system.metrics, methods=["GET"]),
+    ]
+
+
+def create_app(registry: ModelRegistry | None = None, *, settings: Settings = Settings()) -> Starlette:
+    """The Kiln ASGI app. `app.state` holds `registry`, `settings`, `store` (the url image store) and
+    `latency` (request latency histograms)."""
+    owns_registry = registry is None
+    registry = registry if registry is not None else ModelRegistry(retry_after=settings.retry_after_seconds)
+    store = ImageStore(settings.file_dir, ttl=settings.file_ttl_seconds)
+    latency = RequestLatency()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        for body in settings.launch:
+            await registry.launch(body, wait_ready=False)
+        sweeper = asyncio.create_task(_sweep(store))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            if owns_registry:
+                await registry.close()
+            store.clear()
+
+    app = Starlette(
+        routes=routes(),
+        middleware=[
+            Middleware(LatencyMiddleware, latency=latency),
+            Middleware(ApiKeyAuth, keys=settings.api_keys),
+            Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        ],
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.registry = registry
+    app.state.settings = settings
+    app.state.store = store
+    app.state.latency = latency
+    return app
+
+
+def serve(app: Starlette, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info") -> None:
+    """Run `app` with uvicorn on uvloop until interrupted."""
+    uvicorn.run(app, host=host, port=port, loop="uvloop", log_level=log_level, timeout_graceful_shutdown=10)
+
+
+async def _sweep(store: ImageStore) -> None:
+    """Delete expired url images even when no new image arrives."""
+    interval = max(0.5, min(60.0, store.ttl / 4))
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.to_thread(store.sweep)
+
+
+class BodyLimit:
+    """413 for a body past `max_bytes`: at once from Content-Length, else while it streams in (a chunked body
+    is refused as soon as it crosses the bound, never buffered whole)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"request body is larger than {self.max_bytes} bytes; send a smaller image or body"
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await error_response(413, message, code="body_too_large")(scope, receive, send)
+            return
+        received = 0
+
+        async def bounded_receive() -> Message:
+            nonlocal received
+            incoming = await receive()
+            if incoming["type"] == "http.request":
+                received += len(incoming.get("body", b""))
+                if received > self.max_bytes:
+                    raise ApiError(413, message, code="body_too_large")
+            return incoming
+
+        await self.app(scope, bounded_receive, send)
+
+
+class ApiKeyAuth:
+    """With API keys configured, every route but the health and auth probes needs `Authorization: Bearer
+    <key>` (what both OpenAI's SDK and Xinference's client send)."""
+
+    OPEN_PATHS = frozenset({"/status", "/v1/cluster/auth"})
+
+    def __init__(self, app: ASGIApp, keys: frozenset[str]):
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() == "bearer" and any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.keys):
+            await self.app(scope, receive, send)
+            return
+        await error_response(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                             code="invalid_api_key")(scope, receive, send)

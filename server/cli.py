@@ -1,0 +1,342 @@
+"""`kiln`: serve models, manage them on a running server, generate one image, build tiny checkpoints.
+
+The management commands mirror Xinference's CLI (`launch`, `list`, `terminate`, with the same coercion of extra
+`--key value` launch options), so scripts written for `xinference` port by changing the program name. Every
+client-side command talks HTTP through `server.client`, never to the engine directly; only `serve` and `tiny`
+import torch (lazily), so the client commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import httpx
+
+from engine.catalogue import CATALOGUE
+from server.client import Client, ImageModelHandle, KilnError
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:9997"
+PROGRESS_POLL_SECONDS = 0.2
+LAUNCH_POLL_SECONDS = 0.5
+_SUFFIX_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+# --- launch options, coerced as Xinference's CLI does ----------------------------------------------------------
+def coerce_option(value: str) -> Any:
+    """Turn a command-line string into the JSON value Xinference's `handle_click_args_type` would send.
+
+    `None` -> null, `True`/`true`/`False`/`false` -> bool, then int, then float, then JSON for `{...}`/`[...]`;
+    anything else (including JSON that does not parse) stays a string.
+    """
+    if value == "None":
+        return None
+    if value in ("True", "true"):
+        return True
+    if value in ("False", "false"):
+        return False
+    for number in (int, float):
+        try:
+            return number(value)
+        except ValueError:
+            pass
+    if value.startswith(("{", "[")):
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_extra_options(args: list[str]) -> dict[str, Any]:
+    """`--key value` (or `--key=value`) pairs -> {key: coerced value}; `-` in keys becomes `_`."""
+    options: dict[str, Any] = {}
+    rest = list(args)
+    while rest:
+        flag = rest.pop(0)
+        if not flag.startswith("--") or len(flag) == 2:
+            raise ValueError(f"extra launch options must be `--key value` pairs; got {flag!r}")
+        key, has_value, value = flag[2:].partition("=")
+        if not has_value:
+            if not rest:
+                raise ValueError(f"launch option --{key} needs a value")
+            value = rest.pop(0)
+        options[key.replace("-", "_")] = coerce_option(value)
+    return options
+
+
+# --- serve -----------------------------------------------------------------------------------------------------
+def startup_launches(demo: bool, names: list[str]) -> tuple[dict[str, Any], ...]:
+    """Launch bodies (as POST /v1/models) for `--demo` (every catalogue model, tiny) and `--launch NAME ...`."""
+    tiny = [{"model_name": name, "tiny": True} for name in CATALOGUE] if demo else []
+    return (*tiny, *({"model_name": name} for name in dict.fromkeys(names)))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the HTTP server in this process. Startup launches load in the background, so it answers at once."""
+    from server.app import Settings, create_app, serve
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = Settings(launch=startup_launches(args.demo, args.launch))
+    serve(create_app(settings=settings), args.host, args.port, log_level=args.log_level)
+    return 0
+
+
+# --- model management ------------------------------------------------------------------------------------------
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.endpoint, api_key=args.api_key)
+
+
+def wait_until_ready(client: Client, model_uid: str, out: TextIO = sys.stderr) -> dict:
+    """Poll the model's description until it is ready, printing a dot per poll; raise with the load error.
+
+    Kiln describes a loading model with its `status`; Xinference answers 503 until ready and has no status.
+    """
+    while True:
+        try:
+            description = client.describe_model(model_uid)
+        except KilnError as error:
+            if error.status_code != 503:
+                raise
+        else:
+            status = description.get("status", "ready")
+            if status == "ready":
+                print(file=out)
+                return description
+            if status == "failed":
+                print(file=out)
+                raise KilnError("launch model", 500, description.get("error") or f"model {model_uid} failed")
+        print(".", end="", file=out, flush=True)
+        time.sleep(LAUNCH_POLL_SECONDS)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Launch without blocking the HTTP call, then poll, so a slow load shows progress and a failure its reason.
+
+    A failed load is terminated, freeing its uid, as a launch with wait_ready=true would leave it.
+    """
+    with _client(args) as client:
+        uid = client.launch_model(
+            args.model_name, args.model_type, model_uid=args.model_uid, model_path=args.model_path,
+            wait_ready=False, **args.options,
+        )
+        print(f"Launching {uid}", end="", file=sys.stderr, flush=True)
+        try:
+            wait_until_ready(client, uid)
+        except KilnError:
+            with contextlib.suppress(KilnError):
+                client.terminate_model(uid)
+            raise
+    print(f"Model uid: {uid}")
+    return 0
+
+
+def format_table(rows: list[list[str]]) -> str:
+    """Left-aligned columns, two spaces apart."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        models = client.list_models()
+    rows = [["UID", "NAME", "ABILITIES", "STATUS"]]
+    for uid, desc in models.items():
+        rows.append([uid, str(desc.get("model_name")), ",".join(desc.get("model_ability", [])), desc.get("status", "")])
+    print(format_table(rows))
+    return 0
+
+
+def cmd_terminate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.terminate_model(args.model_uid)
+    print(f"Terminated {args.model_uid}")
+    return 0
+
+
+# --- generate --------------------------------------------------------------------------------------------------
+class ProgressBar:
+    """Draws a request's progress on a stream while it runs, polling from a thread (the request call blocks)."""
+
+    def __init__(self, read_progress: Callable[[], float], out: TextIO = sys.stderr, width: int = 30):
+        self._read = read_progress
+        self._out = out
+        self._width = width
+        self._done = threading.Event()
+        self._drawn = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> ProgressBar:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type | None, *rest: object) -> None:
+        self._done.set()
+        self._thread.join()
+        if exc_type is None:
+            self._draw(1.0)
+        if self._drawn:
+            print(file=self._out)
+
+    def _run(self) -> None:
+        while not self._done.wait(PROGRESS_POLL_SECONDS):
+            try:
+                self._draw(self._read())
+            except (KilnError, httpx.HTTPError):  # not registered yet, or already gone: keep polling
+                pass
+
+    def _draw(self, progress: float) -> None:
+        filled = round(progress * self._width)
+        bar = "#" * filled + "." * (self._width - filled)
+        print(f"\r[{bar}] {progress:4.0%}", end="", file=self._out, flush=True)
+        self._drawn = True
+
+
+def output_path(base: Path, index: int) -> Path:
+    """out.png, out-1.png, out-2.png, ... for the images of one request."""
+    return base if index == 0 else base.with_name(f"{base.stem}-{index}{base.suffix}")
+
+
+def generation_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The parameters the user set, named as the server expects; unset ones are left to the model's defaults."""
+    params = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "seed": args.seed,
+        "negative_prompt": args.negative_prompt,
+        "sampler_name": args.sampler,
+        "output_format": _SUFFIX_FORMATS.get(args.output.suffix.lower()),
+    }
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """One text-to-image request with a progress bar; writes the images and prints each path and seed."""
+    request_id = uuid.uuid4().hex
+    with _client(args) as client, _client(args) as progress_client:
+        handle = ImageModelHandle(client, args.model)
+        with ProgressBar(lambda: progress_client.get_progress(request_id)["progress"]):
+            result = handle.text_to_image(
+                args.prompt, n=args.n, size=args.size, response_format="b64_json", request_id=request_id,
+                **generation_parameters(args),
+            )
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        for index, item in enumerate(result["data"]):
+            path = output_path(args.output, index)
+            path.write_bytes(client.image_bytes(item))
+            print(f"{path} seed={item.get('seed')}")
+    return 0
+
+
+# --- tiny checkpoints ------------------------------------------------------------------------------------------
+def cmd_tiny_build(args: argparse.Namespace) -> int:
+    from engine.tiny import build_all
+
+    for path in build_all(args.directory, args.model or None):
+        print(path)
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------------------------
+def _add_endpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-e", "--endpoint", default=os.environ.get("KILN_ENDPOINT", DEFAULT_ENDPOINT),
+        help="server URL (default: $KILN_ENDPOINT or %(default)s)",
+    )
+    parser.add_argument("-ak", "--api-key", "--api_key", dest="api_key", default=os.environ.get("KILN_API_KEY"),
+                        help="API key sent as a bearer token (default: $KILN_API_KEY)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Kiln image-generation server and client.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=9997, help="(default: %(default)s)")
+    startup = serve.add_mutually_exclusive_group()
+    startup.add_argument("--demo", action="store_true", help="launch the tiny checkpoint of every catalogue model")
+    startup.add_argument("--launch", nargs="+", default=[], choices=list(CATALOGUE), metavar="NAME",
+                       help="launch catalogue models at start, with default options")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    serve.set_defaults(handler=cmd_serve)
+
+    launch = commands.add_parser(
+        "launch", help="launch a model on a running server", allow_abbrev=False,
+        epilog="Any other `--key value` pair is a launch option, coerced as Xinference does "
+        "(None, True/False, numbers, JSON): e.g. --cpu_offload True --text_encoder_3 None",
+    )
+    launch.add_argument("-n", "--model-name", "--model_name", dest="model_name", required=True)
+    launch.add_argument("-t", "--model-type", "--model_type", dest="model_type", default="image")
+    launch.add_argument("-u", "--model-uid", "--model_uid", dest="model_uid")
+    launch.add_argument("-mp", "--model-path", "--model_path", dest="model_path")
+    _add_endpoint(launch)
+    launch.set_defaults(handler=cmd_launch)
+
+    listing = commands.add_parser("list", help="list running models")
+    _add_endpoint(listing)
+    listing.set_defaults(handler=cmd_list)
+
+    terminate = commands.add_parser("terminate", help="stop a running model")
+    terminate.add_argument("-u", "--model-uid", "--model_uid", dest="model_uid", required=True)
+    _add_endpoint(terminate)
+    terminate.set_defaults(handler=cmd_terminate)
+
+    generate = commands.add_parser("generate", help="generate images with a running model and save them")
+    generate.add_argument("-m", "--model", required=True, help="model uid")
+    generate.add_argument("-p", "--prompt", required=True)
+    generate.add_argument("--size", help="WxH (default: the model's default size)")
+    generate.add_argument("--steps", type=int, help="num_inference_steps (default: the model's)")
+    generate.add_argument("--guidance", type=float, help="guidance_scale (default: the model's)")
+    generate.add_argument("--seed", type=int, help="omitted or -1: random; the seed used is printed")
+    generate.add_argument("--negative-prompt")
+    generate.add_argument("--sampler", help="sampler_name, e.g. 'Euler a' or 'DPM++ 2M Karras'")
+    generate.add_argument("--n", type=int, default=1, help="number of images")
+    generate.add_argument("-o", "--output", type=Path, default=Path("out.png"),
+                          help="file for the first image; more go to NAME-1.EXT, ... (default: %(default)s)")
+    _add_endpoint(generate)
+    generate.set_defaults(handler=cmd_generate)
+
+    tiny = commands.add_parser("tiny", help="tiny random-weight checkpoints")
+    tiny_commands = tiny.add_subparsers(dest="tiny_command", required=True, metavar="COMMAND")
+    build = tiny_commands.add_parser("build", help="build tiny checkpoints into DIR/<name>")
+    build.add_argument("directory", type=Path, metavar="DIR")
+    build.add_argument("--model", nargs="+", choices=list(CATALOGUE), metavar="NAME",
+                       help="catalogue names (default: all)")
+    build.set_defaults(handler=cmd_tiny_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.handler is cmd_launch:
+        try:
+            args.options = parse_extra_options(extra)
+        except ValueError as error:
+            parser.error(str(error))
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.handler(args)
+    except KilnError as error:
+        print(f"kiln: error: {error}", file=sys.stderr)
+    except httpx.TransportError as error:
+        print(f"kiln: error: cannot reach {args.endpoint}: {error}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Typed access to what `create_app` puts on `app.state`, so routes need no globals."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.requests import Request
+
+from engine.images import ImageStore
+
+if TYPE_CHECKING:
+    from ..app import Settings
+    from ..registry import ModelRegistry
+
+
+def registry(request: Request) -> "ModelRegistry":
+    return request.app.state.registry
+
+
+def settings(request: Request) -> "Settings":
+    return request.app.state.settings
+
+
+def store(request: Request) -> ImageStore:
+    return request.app.state.store

@@ -1,0 +1,34 @@
+"""`kiln serve --demo`: every catalogue model comes up under its catalogue name and generates."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from engine.catalogue import CATALOGUE
+from server.cli import wait_until_ready
+from server.client import Client
+
+from .e2e_helpers import KilnServer, png_image, start_server
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KilnServer]:
+    kiln = start_server(tmp_path_factory.mktemp("demo") / "serve.log", "--demo")
+    yield kiln
+    kiln.stop()
+
+
+def test_demo_serves_every_catalogue_model(demo: KilnServer, tmp_path: Path) -> None:
+    with Client(demo.endpoint) as client, (tmp_path / "progress.txt").open("w") as dots:
+        assert set(client.list_models()) == set(CATALOGUE)  # listed at once, while still loading
+        for name in CATALOGUE:
+            assert wait_until_ready(client, name, out=dots)["model_name"] == name
+            result = client.get_model(name).text_to_image(
+                "a small test", size="64x64", response_format="b64_json", num_inference_steps=1, seed=1
+            )
+            (item,) = result["data"]
+            assert png_image(base64.b64decode(item["b64_json"])).size == (64, 64), name

@@ -1,0 +1,26 @@
+"""`kiln tiny build` writes diffusers-layout checkpoints for the requested models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .e2e_helpers import run_kiln
+
+
+def test_tiny_build_writes_the_requested_checkpoints(tmp_path: Path) -> None:
+    result = run_kiln("tiny", "build", str(tmp_path), "--model", "sd-turbo", "FLUX.1-schnell")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [str(tmp_path / "sd-turbo"), str(tmp_path / "FLUX.1-schnell")]
+    assert json.loads((tmp_path / "sd-turbo" / "model_index.json").read_text())["_class_name"] == (
+        "StableDiffusionPipeline"
+    )
+    assert json.loads((tmp_path / "FLUX.1-schnell" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["FLUX.1-schnell", "sd-turbo"]
+
+
+def test_tiny_build_rejects_unknown_names(tmp_path: Path) -> None:
+    result = run_kiln("tiny", "build", str(tmp_path), "--model", "no-such-model")
+    assert result.returncode == 2
+    assert "no-such-model" in result.stderr
+    assert not any(tmp_path.iterdir())
