@@ -133,6 +133,7 @@ async def _wait(request: Request, runner: Runner, handle: RequestHandle) -> list
         gone.cancel()
         if not images.done():  # the client left, or this task was cancelled
             runner.abort(handle.request.request_id)
+            images.add_done_callback(lambda future: future.cancelled() or future.exception())  # nobody awaits it
     if not images.done():
         raise ClientGone()
     try:
