@@ -151,7 +151,7 @@ class Executor:
 
     def _mask_latent(self, mask: Image.Image, width: int, height: int) -> torch.Tensor:
         """White = repaint. Binarised at 0.5 and resized to the latent grid, as diffusers' inpaint pipelines do."""
-        pixels = torch.from_numpy(np.asarray(mask.convert("L").resize((width, height), Image.Resampling.LANCZOS)))
+        pixels = torch.from_numpy(np.array(mask.convert("L").resize((width, height), Image.Resampling.LANCZOS)))
         binary = (pixels.float() / 255.0 >= 0.5).float()[None, None]
         factor = self.family.vae_scale_factor
         small = F.interpolate(binary, size=(height // factor, width // factor))
