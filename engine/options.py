@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
+from engine.backends import BACKEND_NAMES, package_unavailable
 from engine.catalogue import ModelSpec
 
 DTYPES = ("float32", "float16", "bfloat16")
 HALF_DTYPES = frozenset({"float16", "bfloat16"})
 QUANTIZATIONS = ("8-bit", "4-bit")
-BACKENDS = ("eager",)
-FUTURE_BACKENDS = ("compile", "onnx", "tensorrt")
+BACKENDS = BACKEND_NAMES  # auto, eager, compile, onnx, tensorrt (engine/backends)
 # The text encoders each family's checkpoints have, by pipeline component name.
 FAMILY_TEXT_ENCODERS: Mapping[str, tuple[str, ...]] = {
     "sd": ("text_encoder",),
@@ -47,7 +47,7 @@ class LaunchOptions:
     model_path: str | None = None  # a local diffusers directory
     max_batch_size: int = 16  # images per denoiser forward
     max_queue_size: int = 256  # jobs waiting for admission
-    backend: str = "eager"
+    backend: str = "auto"  # auto: tensorrt with a cached engine, else compile on a GPU, else eager
 
 
 def resolve_dtype(spec: ModelSpec, options: LaunchOptions, device_type: str) -> str:
@@ -133,9 +133,16 @@ def _drop(name: str, value: object) -> bool:
 
 
 def _backend(name: str, value: object) -> str:
-    if value in FUTURE_BACKENDS:
-        raise LaunchOptionError(f"launch option {name!r}: backend {value!r} is not available yet; accepted: eager")
-    return _choice(BACKENDS)(name, value)
+    """A backend name whose packages are installed here (whether the device suits it is checked at load)."""
+    backend = _choice(BACKENDS)(name, value)
+    reason = package_unavailable(backend)
+    if reason:
+        usable = [choice for choice in BACKENDS if package_unavailable(choice) is None]
+        raise LaunchOptionError(
+            f"launch option {name!r}: backend {backend!r} is not available on this machine: {reason}; "
+            f"accepted here: {' or '.join(repr(choice) for choice in usable)}"
+        )
+    return backend
 
 
 # Launch option name -> (LaunchOptions field, parser).

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .backends import launch_backend
 from .catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE, ModelSpec
 from .execution import Executor
 from .families import make_family
@@ -58,21 +59,29 @@ class Runner:
         self.scheduler = Scheduler(options.max_batch_size, options.max_queue_size)
         self.loaded: LoadedModel | None = None
         self.executor: Executor | None = None
+        self.backend_info: dict = {}  # the backend that runs the denoiser, its warm-up time, ... (set by load)
         self._requests: OrderedDict[str, RequestHandle] = OrderedDict()
         self._requests_lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------------
-    def load(self, start: bool = True) -> None:
-        """Load the weights and start the scheduler thread. Raises (and records) load errors.
+    def load(self, start: bool = True, warmup_size: tuple[int, int] | None = None) -> None:
+        """Load the weights, put the backend in place and warm it up, and start the scheduler thread. Raises (and
+        records) load errors.
 
         With start=False no thread runs and the caller drives the loop with `iterate()`, one step at a time:
-        tests use this to make requests join at chosen steps."""
+        tests use this to make requests join at chosen steps. Warm-up (compile: every batch bucket) runs at
+        `warmup_size` (width, height), by default the model's default size."""
         self.status = "loading"
         try:
             self.loaded = load_model(self.spec, self.options)
             family = make_family(self.spec.family, self.loaded.pipeline, self.loaded.device, self.loaded.dtype)
+            self.backend_info = launch_backend(
+                self.options.backend, family, model=self.spec.name, stride=self.spec.stride,
+                source=self.loaded.source, max_batch_size=self.options.max_batch_size,
+                warmup_size=warmup_size or self.spec.default_size, cpu_offload=self.options.cpu_offload,
+            )
             self.executor = Executor(family, self.options.max_batch_size)
             self.executor.on_forward = self._record_forward
         except Exception as error:

@@ -35,6 +35,14 @@ def finish(runner, *handles):
     drive(runner, lambda: all(handle.future.done() for handle in handles))
 
 
+def assert_only_bad_failed(runner, bad, fine, expected, message):
+    """Run both to the end: the faulty request fails with its own error, its neighbour gives its solo image."""
+    finish(runner, bad, fine)
+    with pytest.raises(EngineError, match=message):
+        bad.result()
+    assert max_diff(pixels(fine), expected) <= PIXEL_TOLERANCE
+
+
 def test_cancelled_request_leaves_at_the_next_step_and_others_finish(runner):
     expected = pixels(run_alone(runner, good()))
     doomed = runner.submit(ImageRequest("a long one", 64, 64, 40, 5.0, seed=2, n=2))
@@ -83,10 +91,7 @@ def test_failing_prompt_encoding_fails_only_its_request(runner, monkeypatch):
     monkeypatch.setattr(family, "encode", encode_or_fail)
     expected = pixels(run_alone(runner, good()))
     bad, fine = runner.submit(ImageRequest(POISON, 64, 64, 3, 5.0)), runner.submit(good())
-    finish(runner, bad, fine)
-    with pytest.raises(EngineError, match="tokenizer exploded"):
-        bad.result()
-    assert max_diff(pixels(fine), expected) <= PIXEL_TOLERANCE
+    assert_only_bad_failed(runner, bad, fine, expected, "tokenizer exploded")
 
 
 def test_failing_forward_is_retried_job_by_job(runner, monkeypatch):
@@ -101,10 +106,7 @@ def test_failing_forward_is_retried_job_by_job(runner, monkeypatch):
     expected = pixels(run_alone(runner, good()))
     monkeypatch.setattr(family, "denoise", denoise_or_fail)
     bad, fine = runner.submit(ImageRequest(POISON, 64, 64, 3, 5.0)), runner.submit(good())
-    finish(runner, bad, fine)
-    with pytest.raises(EngineError, match="NaN in attention"):
-        bad.result()
-    assert max_diff(pixels(fine), expected) <= PIXEL_TOLERANCE
+    assert_only_bad_failed(runner, bad, fine, expected, "NaN in attention")
 
 
 def test_failing_sampler_step_fails_only_its_request(runner):
@@ -116,10 +118,7 @@ def test_failing_sampler_step_fails_only_its_request(runner):
         raise ArithmeticError("sampler diverged")
 
     bad.jobs[1].state.sampler.step = broken_step
-    finish(runner, bad, fine)
-    with pytest.raises(EngineError, match="sampler diverged"):
-        bad.result()
-    assert max_diff(pixels(fine), expected) <= PIXEL_TOLERANCE
+    assert_only_bad_failed(runner, bad, fine, expected, "sampler diverged")
 
 
 def test_failing_decode_fails_only_its_request(runner, monkeypatch):
@@ -135,10 +134,8 @@ def test_failing_decode_fails_only_its_request(runner, monkeypatch):
         return decode(latents, width, height)
 
     monkeypatch.setattr(family, "decode", decode_or_fail)
-    finish(runner, bad, fine)  # both finish at the same step and share one decode batch, which fails
-    with pytest.raises(EngineError, match="decoder fault"):
-        bad.result()
-    assert max_diff(pixels(fine), expected) <= PIXEL_TOLERANCE
+    # Both finish at the same step and share one decode batch, which fails and is retried job by job.
+    assert_only_bad_failed(runner, bad, fine, expected, "decoder fault")
 
 
 def test_out_of_memory_splits_the_batch_and_every_job_finishes(runner, monkeypatch):
