@@ -97,6 +97,59 @@ CATALOGUE: Mapping[str, ModelSpec] = MappingProxyType(
 )
 
 
+@dataclass(frozen=True)
+class OcrSpec:
+    """One OCR model: which engine runs it (`engine.ocr`), where its weights are, and what it is.
+
+    OCR models are image models to Xinference's clients (`model_type` "image", ability "ocr") but share nothing
+    with the diffusion families, so they have their own catalogue below and their own runner (`engine.ocr`).
+    """
+
+    name: str
+    engine: str  # "onnxruntime" (PP-OCR, weights in the rapidocr wheel) or "transformers" (GOT-OCR2)
+    hub_ids: tuple[str, ...]  # where the weights are looked for in the Hugging Face cache, in order
+    description: str
+    abilities: tuple[str, ...] = (OCR,)
+    family: str = "ocr"
+    default_launch: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def hub_id(self) -> str | None:
+        return self.hub_ids[0] if self.hub_ids else None
+
+    def describe(self) -> dict:
+        return {
+            "model_name": self.name,
+            "model_family": "ocr",
+            "model_ability": list(self.abilities),
+            "model_hub_id": self.hub_id,
+            "model_description": self.description,
+        }
+
+
+DEFAULT_OCR_MODEL = "PP-OCR"
+OCR_CATALOGUE: Mapping[str, OcrSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            OcrSpec(
+                "PP-OCR", "onnxruntime", (),
+                "PaddleOCR PP-OCRv6 small text detection and recognition with the v2.0 direction classifier, on "
+                "onnxruntime (CPU, or CUDA with onnxruntime-gpu). The weights ship inside the rapidocr wheel: "
+                "nothing is downloaded. Line boxes and scores with kwargs {\"detail\": true}.",
+            ),
+            OcrSpec(
+                "GOT-OCR2_0", "transformers", ("stepfun-ai/GOT-OCR-2.0-hf", "stepfun-ai/GOT-OCR2_0"),
+                "StepFun GOT-OCR 2.0 through transformers: the -hf checkpoint (GotOcr2ForConditionalGeneration, "
+                "CPU or CUDA, pages batched) or the original remote-code checkpoint (CUDA only). Weights are read "
+                "from model_path or the Hugging Face cache, never downloaded. Kiln's tests run it only on a tiny "
+                "random-weight -hf checkpoint; the real weights and the remote-code checkpoint are untested.",
+            ),
+        )
+    }
+)
+
+
 def get_spec(name: str) -> ModelSpec:
     """Look a model up by catalogue name; the error lists what exists."""
     try:

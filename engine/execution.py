@@ -91,6 +91,8 @@ class Executor:
     # --- admission ----------------------------------------------------------------------------------------
     def admit(self, jobs: list[Job], fail: FailJob) -> None:
         """Batched prompt encoding for newly admitted jobs, then each job's latents and sampler."""
+        if not jobs:  # most steps admit nobody; encoding an empty batch raises inside the tokenizer
+            return
         conditioning = self._isolated(jobs, self._encode, fail)
         for job, (cond, uncond) in conditioning.items():
             try:

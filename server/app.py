@@ -29,7 +29,7 @@ from .errors import EXCEPTION_HANDLERS, ApiError, error_response
 from .metrics import LatencyMiddleware, RequestLatency
 from .params import Limits
 from .registry import ModelRegistry
-from .routes import images, models, requests, system
+from .routes import images, models, ocr, requests, system
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9997  # Xinference's
@@ -57,6 +57,7 @@ def routes() -> list[Route]:
         Route("/v1/images/variations", images.variations, methods=["POST"]),
         Route("/v1/images/inpainting", images.inpainting, methods=["POST"]),
         Route("/v1/images/edits", images.edits, methods=["POST"]),
+        Route("/v1/images/ocr", ocr.ocr, methods=["POST"]),
         Route("/v1/images/files/{name}", images.stored_file, methods=["GET"]),
         Route("/v1/models", models.launch, methods=["POST"]),
         Route("/v1/models", models.list_models, methods=["GET"]),

@@ -21,7 +21,9 @@ from typing import Any, Callable, TextIO
 
 import httpx
 
-from engine.catalogue import CATALOGUE
+from benchmarks.cli import add_arguments as add_bench_arguments
+from engine.backends.build import add_arguments as add_engine_arguments
+from engine.catalogue import CATALOGUE, DEFAULT_OCR_MODEL, OCR_CATALOGUE
 from server.client import Client, ImageModelHandle, KilnError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:9997"
@@ -75,9 +77,11 @@ def parse_extra_options(args: list[str]) -> dict[str, Any]:
 
 # --- serve -----------------------------------------------------------------------------------------------------
 def startup_launches(demo: bool, names: list[str]) -> tuple[dict[str, Any], ...]:
-    """Launch bodies (as POST /v1/models) for `--demo` (every catalogue model, tiny) and `--launch NAME ...`."""
+    """Launch bodies (as POST /v1/models) for `--demo` (every catalogue model, tiny, and the default OCR model,
+    whose real weights ship with rapidocr) and `--launch NAME ...`."""
     tiny = [{"model_name": name, "tiny": True} for name in CATALOGUE] if demo else []
-    return (*tiny, *({"model_name": name} for name in dict.fromkeys(names)))
+    ocr = [{"model_name": DEFAULT_OCR_MODEL}] if demo else []
+    return (*tiny, *ocr, *({"model_name": name} for name in dict.fromkeys(names)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -248,6 +252,20 @@ def cmd_tiny_build(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- engines ---------------------------------------------------------------------------------------------------
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from engine.backends.build import run
+
+    return run(args)
+
+
+# --- benchmarks ------------------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.cli import run
+
+    return run(args)
+
+
 # --- parser ----------------------------------------------------------------------------------------------------
 def _add_endpoint(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -266,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=9997, help="(default: %(default)s)")
     startup = serve.add_mutually_exclusive_group()
-    startup.add_argument("--demo", action="store_true", help="launch the tiny checkpoint of every catalogue model")
-    startup.add_argument("--launch", nargs="+", default=[], choices=list(CATALOGUE), metavar="NAME",
+    startup.add_argument("--demo", action="store_true",
+                         help=f"launch the tiny checkpoint of every catalogue model, and {DEFAULT_OCR_MODEL}")
+    startup.add_argument("--launch", nargs="+", default=[], choices=[*CATALOGUE, *OCR_CATALOGUE], metavar="NAME",
                        help="launch catalogue models at start, with default options")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
@@ -316,6 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--model", nargs="+", choices=list(CATALOGUE), metavar="NAME",
                        help="catalogue names (default: all)")
     build.set_defaults(handler=cmd_tiny_build)
+
+    engines = commands.add_parser("build-engines", help="export ONNX and build TensorRT engines into the engine cache")
+    add_engine_arguments(engines)
+    engines.set_defaults(handler=cmd_build_engines)
+
+    bench = commands.add_parser("bench", help="benchmark Kiln against plain diffusers pipelines (benchmarks/README.md)")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 

@@ -24,6 +24,7 @@ IMAGE_ENDPOINTS = {
     "/v1/images/variations": "variations",
     "/v1/images/inpainting": "inpainting",
     "/v1/images/edits": "edits",
+    "/v1/images/ocr": "ocr",
 }
 
 

@@ -14,8 +14,9 @@ import re
 from dataclasses import asdict
 from typing import Any, Callable, Mapping
 
-from engine.catalogue import CATALOGUE, ModelSpec
+from engine.catalogue import CATALOGUE, OCR_CATALOGUE, ModelSpec, OcrSpec
 from engine.loading import ModelLoadError
+from engine.ocr import OcrOptions, OcrRunner, parse_ocr_options
 from engine.options import LaunchOptionError, LaunchOptions, parse_launch_options
 from engine.requests import RequestHandle
 from engine.runner import Runner
@@ -63,7 +64,10 @@ class ModelRegistry:
         """Start a model; with `wait_ready` return once it is loaded (a load error is raised and the uid
         freed), else at once (the load error is then reported by `describe` and by requests to it)."""
         uid, spec, options = self.parse_launch(body)
-        runner = self.runner_factory(uid, spec, options)
+        if isinstance(spec, OcrSpec):
+            runner = OcrRunner(uid, spec, options)
+        else:
+            runner = self.runner_factory(uid, spec, options)
         self._runners[uid] = runner
         load = asyncio.create_task(asyncio.to_thread(runner.load), name=f"kiln-load-{uid}")
         self._loads[uid] = load
@@ -79,7 +83,7 @@ class ModelRegistry:
                                code="model_load_failed") from error
         return uid
 
-    def parse_launch(self, body: Mapping[str, Any]) -> tuple[str, ModelSpec, LaunchOptions]:
+    def parse_launch(self, body: Mapping[str, Any]) -> tuple[str, ModelSpec | OcrSpec, LaunchOptions | OcrOptions]:
         """Validate a launch body without side effects; raises ApiError(400) naming the bad field."""
         if not isinstance(body, Mapping):
             raise bad_request("the launch body must be a JSON object")
@@ -87,10 +91,10 @@ class ModelRegistry:
         name = fields.pop("model_name", None)
         if not isinstance(name, str) or not name:
             raise bad_request("model_name is required (a catalogue model name)", "model_name", "missing_parameter")
-        spec = CATALOGUE.get(name)
+        spec = CATALOGUE.get(name) or OCR_CATALOGUE.get(name)
         if spec is None:
-            raise bad_request(f"unknown model_name {name!r}; catalogue models: {', '.join(CATALOGUE)}",
-                              "model_name", "model_not_found")
+            raise bad_request(f"unknown model_name {name!r}; catalogue models: "
+                              f"{', '.join([*CATALOGUE, *OCR_CATALOGUE])}", "model_name", "model_not_found")
         model_type = fields.pop("model_type", None)
         if model_type is not None and (not isinstance(model_type, str) or model_type.lower() != "image"):
             raise bad_request(f"model_type must be 'image' (Kiln serves image models), got {model_type!r}",
@@ -104,13 +108,18 @@ class ModelRegistry:
             raise bad_request(f"model uid {uid!r} is already launched; terminate it first or pick another model_uid",
                               "model_uid", "model_exists")
         for field, honoured in _CLIENT_FIELDS.items():
+            if field == "model_engine" and isinstance(spec, OcrSpec):
+                honoured = (spec.engine,)
             value = fields.pop(field, None)
             if value is not None and not any(_same(value, ok) for ok in honoured):
                 accepted = ", ".join(["null", *(repr(ok) for ok in honoured)])
                 raise bad_request(f"{field}={value!r} is not supported by Kiln; accepted: {accepted}", field,
                                   "unsupported_option")
         try:
-            options = parse_launch_options(spec, fields)
+            if isinstance(spec, OcrSpec):
+                options = parse_ocr_options(spec, fields)
+            else:
+                options = parse_launch_options(spec, fields)
         except LaunchOptionError as error:
             raise bad_request(str(error), code="invalid_launch_option") from None
         return uid, spec, options
@@ -183,7 +192,7 @@ class ModelRegistry:
             "model_type": "image",
             "model_uid": uid,
             **runner.spec.describe(),
-            "model_engine": "diffusers",
+            "model_engine": runner.spec.engine if isinstance(runner.spec, OcrSpec) else "diffusers",
             "replica": 1,
             "status": runner.status,
             "error": runner.error,
@@ -214,6 +223,6 @@ def _same(value: Any, accepted: Any) -> bool:
     return type(value) is type(accepted) and value == accepted
 
 
-def _options(options: LaunchOptions) -> dict[str, Any]:
+def _options(options: LaunchOptions | OcrOptions) -> dict[str, Any]:
     """The launch options as JSON-ready values."""
     return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(options).items()}

@@ -107,16 +107,17 @@ def export_sizes(stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 def onnx_export_for(family: Any, model: str, source: str | None, cache: Any, stride: int):
     """The cached ONNX export of the family's denoiser (exported now when missing): (key, entry)."""
-    from .base import ExampleInputs
+    from .base import ExampleInputs, unwrap
     from .onnx import ensure_export, onnx_key
 
-    key = onnx_key(model, weights_fingerprint(family, source, cache), family.denoiser, family.dtype)
+    denoiser = unwrap(family.denoiser)
+    key = onnx_key(model, weights_fingerprint(family, source, cache), denoiser, family.dtype)
     entry = cache.lookup(key)
     if entry is None:
         first, second = export_sizes(stride)
         example = ExampleInputs(family, *first).named(2)
         other = ExampleInputs(family, *second).named(3)
-        entry = ensure_export(cache, key, family.denoiser, example, other)
+        entry = ensure_export(cache, key, denoiser, example, other)
     return key, entry
 
 
@@ -127,12 +128,12 @@ def make_backend(requested: str, family: Any, *, model: str, stride: int, source
     ModelLoadError) with the reason when it cannot run here. Installs the attention processors first."""
     import kernels.attention
 
-    from .base import BackendUnavailable, EagerBackend, max_rows
+    from .base import BackendUnavailable, EagerBackend, max_rows, unwrap
     from .cache import EngineCache
 
     if requested not in BACKEND_NAMES:
         raise BackendUnavailable(f"unknown backend {requested!r}; accepted: {', '.join(BACKEND_NAMES)}")
-    denoiser = family.denoiser
+    denoiser = unwrap(family.denoiser)
     device = family.device
     cache = cache if cache is not None else EngineCache()
     compiler = compiler or os.environ.get("KILN_COMPILE_BACKEND") or "inductor"
@@ -178,12 +179,13 @@ def make_backend(requested: str, family: Any, *, model: str, stride: int, source
 
 def _cached_engine(family, model, source, cache, stride, sizes, rows):
     """A cached TensorRT engine for this model, GPU, TensorRT version and launch precision, or None."""
+    from .base import unwrap
     from .onnx import onnx_key
     from .tensorrt import compute_capability, find_engine, precision_for, tensorrt_unavailable, tensorrt_version
 
     if tensorrt_unavailable(family.device):
         return None
-    key = onnx_key(model, weights_fingerprint(family, source, cache), family.denoiser, family.dtype)
+    key = onnx_key(model, weights_fingerprint(family, source, cache), unwrap(family.denoiser), family.dtype)
     size = sizes[0] if sizes else (0, 0)
     return find_engine(cache, key, compute_capability(family.device), tensorrt_version(),
                        precision_for(family.dtype), size, rows)
@@ -191,7 +193,7 @@ def _cached_engine(family, model, source, cache, stride, sizes, rows):
 
 def _build_engine_now(family, model, source, cache, stride, sizes, rows):
     """backend='tensorrt' with no cached engine: build one for the launch's lane sizes and rows (minutes)."""
-    from .base import ExampleInputs
+    from .base import ExampleInputs, unwrap
     from .onnx import ONNX_FILE
     from .tensorrt import (Profile, check_precision, compute_capability, engine_key, ensure_engine, precision_for,
                            profile_shapes, tensorrt_version)
@@ -204,7 +206,7 @@ def _build_engine_now(family, model, source, cache, stride, sizes, rows):
     key = engine_key(onnx, capability, tensorrt_version(), precision, profile)
     log.info("building a TensorRT engine (%s, %s): this takes minutes once; `kiln build-engines` does it ahead",
              profile.describe(), precision)
-    return ensure_engine(cache, key, entry.file(ONNX_FILE), profile_shapes(family.denoiser, examples, profile),
+    return ensure_engine(cache, key, entry.file(ONNX_FILE), profile_shapes(unwrap(family.denoiser), examples, profile),
                          precision, onnx["dtype"], profile)
 
 

@@ -46,8 +46,11 @@ class Family:
         raise NotImplementedError
 
     def encode_negatives(self, texts: list[str | None], positives: list[Conditioning]) -> list[Conditioning]:
-        """Unconditional rows; a missing negative prompt is the empty prompt unless the family says otherwise."""
-        return self.encode([text or "" for text in texts])
+        """Unconditional rows; a missing negative prompt is the empty prompt unless the family says otherwise.
+        Each distinct text is encoded once (usually every job's is the empty prompt)."""
+        unique = list(dict.fromkeys(text or "" for text in texts))
+        encoded = dict(zip(unique, self.encode(unique)))
+        return [encoded[text or ""] for text in texts]
 
     def size_conditioning(self, width: int, height: int) -> Conditioning:
         """Extra per-row conditioning that depends only on the image size (SDXL's time ids)."""

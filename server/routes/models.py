@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine.catalogue import CATALOGUE
+from engine.catalogue import CATALOGUE, OCR_CATALOGUE
 
 from . import context
 from ..errors import ApiError, bad_request
@@ -42,20 +42,25 @@ async def terminate(request: Request) -> Response:
 async def registrations(request: Request) -> Response:
     """`[{"model_name", "is_builtin"}]`, sorted; `?detailed=true` adds each catalogue description."""
     detailed = request.query_params.get("detailed", "false").lower() in ("true", "1")
-    return JSONResponse([_registration(name, detailed) for name in sorted(CATALOGUE)])
+    return JSONResponse([_registration(name, detailed) for name in sorted(_REGISTRATIONS)])
 
 
 async def registration(request: Request) -> Response:
     name = request.path_params["name"]
-    if name not in CATALOGUE:
-        raise ApiError(404, f"no image model registration {name!r}; catalogue models: {', '.join(CATALOGUE)}",
+    if name not in _REGISTRATIONS:
+        raise ApiError(404, f"no image model registration {name!r}; catalogue models: {', '.join(_REGISTRATIONS)}",
                        param="model_name", code="model_not_found")
     return JSONResponse(_registration(name, detailed=True))
+
+
+# Xinference lists OCR models among image registrations too (model_type "image", ability "ocr").
+_REGISTRATIONS = {**CATALOGUE, **OCR_CATALOGUE}
 
 
 def _registration(name: str, detailed: bool) -> dict:
     if not detailed:
         return {"model_name": name, "is_builtin": True}
-    spec = CATALOGUE[name]
-    return {**spec.describe(), "model_type": "image", "is_builtin": True, "generation_parameters": list(PARAMETERS),
+    spec = _REGISTRATIONS[name]
+    generation = {"generation_parameters": list(PARAMETERS)} if name in CATALOGUE else {}
+    return {**spec.describe(), "model_type": "image", "is_builtin": True, **generation,
             "default_launch_options": dict(spec.default_launch)}

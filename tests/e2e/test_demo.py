@@ -1,4 +1,5 @@
-"""`kiln serve --demo`: every catalogue model comes up under its catalogue name and generates."""
+"""`kiln serve --demo`: every catalogue model comes up under its catalogue name and generates; the default OCR
+model comes up too and reads."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from typing import Iterator
 
 import pytest
 
-from engine.catalogue import CATALOGUE
+from engine.catalogue import CATALOGUE, DEFAULT_OCR_MODEL
 from server.cli import wait_until_ready
 from server.client import Client
 
-from .e2e_helpers import KilnServer, png_image, start_server
+from .e2e_helpers import KilnServer, png_bytes, png_image, start_server
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KilnServer]:
 
 def test_demo_serves_every_catalogue_model(demo: KilnServer, tmp_path: Path) -> None:
     with Client(demo.endpoint) as client, (tmp_path / "progress.txt").open("w") as dots:
-        assert set(client.list_models()) == set(CATALOGUE)  # listed at once, while still loading
+        assert set(client.list_models()) == {*CATALOGUE, DEFAULT_OCR_MODEL}  # listed at once, while loading
         for name in CATALOGUE:
             assert wait_until_ready(client, name, out=dots)["model_name"] == name
             result = client.get_model(name).text_to_image(
@@ -32,3 +33,5 @@ def test_demo_serves_every_catalogue_model(demo: KilnServer, tmp_path: Path) -> 
             )
             (item,) = result["data"]
             assert png_image(base64.b64decode(item["b64_json"])).size == (64, 64), name
+        assert wait_until_ready(client, DEFAULT_OCR_MODEL, out=dots)["model_ability"] == ["ocr"]
+        assert client.get_model(DEFAULT_OCR_MODEL).ocr(png_bytes((64, 64), (255, 255, 255))) == ""

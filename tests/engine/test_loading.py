@@ -175,9 +175,9 @@ def test_bad_launch_options_name_the_option(model: str, raw: dict, option: str) 
         parse_launch_options(get_spec(model), raw)
 
 
-def test_other_backends_are_not_available_yet() -> None:
-    with pytest.raises(LaunchOptionError, match="'onnx' is not available yet"):
-        parse_launch_options(get_spec("sd-turbo"), {"backend": "onnx"})
+def test_backend_option_accepts_the_installed_backends() -> None:
+    assert parse_launch_options(get_spec("sd-turbo"), {"backend": "onnx"}).backend == "onnx"
+    assert parse_launch_options(get_spec("sd-turbo"), {}).backend == "auto"
 
 
 def test_loading_module_reads_hub_variables_at_call_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

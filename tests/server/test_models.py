@@ -8,7 +8,7 @@ import threading
 import httpx
 import pytest
 
-from engine.catalogue import CATALOGUE
+from engine.catalogue import CATALOGUE, OCR_CATALOGUE
 from engine.runner import Runner
 from server.registry import ModelRegistry
 
@@ -160,9 +160,11 @@ def test_terminate_while_loading_waits_for_the_load_then_closes(server_factory) 
 
 def test_model_registrations(http: httpx.Client) -> None:
     listing = http.get("/v1/model_registrations/image").json()
-    assert listing == [{"model_name": name, "is_builtin": True} for name in sorted(CATALOGUE)]
-    detailed = http.get("/v1/model_registrations/image?detailed=true").json()
-    assert {item["model_name"] for item in detailed} == set(CATALOGUE)
+    names = sorted({*CATALOGUE, *OCR_CATALOGUE})
+    assert listing == [{"model_name": name, "is_builtin": True} for name in names]
+    detailed = {item["model_name"]: item for item in http.get("/v1/model_registrations/image?detailed=true").json()}
+    assert set(detailed) == set(names)
+    assert detailed["PP-OCR"]["model_ability"] == ["ocr"] and "generation_parameters" not in detailed["PP-OCR"]
     one = http.get("/v1/model_registrations/image/FLUX.1-schnell").json()
     assert one["model_ability"] == ["text2image", "image2image", "inpainting"] and one["default_steps"] == 4
     assert_error(http.get("/v1/model_registrations/image/nope"), 404, "nope", "sd-turbo")

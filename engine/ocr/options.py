@@ -1,0 +1,136 @@
+"""Launch options of OCR models, parsed and validated before anything is loaded.
+
+The same loosely typed key/values as the diffusion models' launch options (Xinference's launch kwargs, CLI
+strings, JSON), refused with `LaunchOptionError` naming the option when unknown, mistyped, or meaningless for the
+model's engine (an onnxruntime thread count means nothing to GOT-OCR2, a torch dtype nothing to PP-OCR).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from engine.catalogue import OcrSpec
+from engine.options import LaunchOptionError
+
+DTYPES = ("float32", "float16", "bfloat16")
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+@dataclass(frozen=True)
+class OcrOptions:
+    """Validated launch options of one OCR model. `None` means the engine's default."""
+
+    device: str = "auto"  # cpu, cuda, cuda:N or auto (CUDA when the engine can use it)
+    model_path: str | None = None  # PP-OCR: a directory of det/rec(/cls) .onnx files; GOT: a checkpoint dir
+    max_batch_size: int | None = None  # PP-OCR: text crops per recognition forward; GOT: pages per generate
+    max_queue_size: int = 64  # requests waiting before 429
+    intra_op_num_threads: int = 1  # PP-OCR: onnxruntime threads per forward (1: leave cores to other models)
+    text_score: float = 0.5  # PP-OCR: lines recognised with a lower confidence are dropped
+    torch_dtype: str | None = None  # GOT: None is bfloat16 on CUDA, float32 on CPU
+    max_new_tokens: int = 4096  # GOT: longest text generated per page
+
+
+def _accepted(name: str, what: str, value: object) -> LaunchOptionError:
+    return LaunchOptionError(f"launch option {name!r}: got {value!r}; accepted: {what}")
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise _accepted(name, "an integer >= 1", value)
+
+
+def _batch(name: str, value: object) -> int | None:
+    return None if value is None else _positive_int(name, value)
+
+
+def _score(name: str, value: object) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1:
+        return float(value)
+    raise _accepted(name, "a number between 0 and 1", value)
+
+
+def _device(name: str, value: object) -> str:
+    if isinstance(value, str):
+        device = value.strip().lower()
+        index = device.removeprefix("cuda:")
+        if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and index.isdigit()):
+            return device
+    raise _accepted(name, "'auto', 'cpu', 'cuda' or 'cuda:N'", value)
+
+
+def _model_path(name: str, value: object) -> str | None:
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    raise _accepted(name, "a path to a local model directory", value)
+
+
+def _dtype(name: str, value: object) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+        return value.removeprefix("torch.")
+    raise _accepted(name, " or ".join(repr(dtype) for dtype in DTYPES), value)
+
+
+def _no_tiny(name: str, value: object) -> bool:
+    """`tiny` is accepted only as false: OCR models have no random-weight stand-in (PP-OCR's real weights ship
+    with rapidocr and load in a second, so there is nothing to stand in for)."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _FALSE):
+        return False
+    if value is True or (isinstance(value, str) and value.strip().lower() in _TRUE):
+        raise LaunchOptionError(
+            "launch option 'tiny': OCR models have no tiny checkpoint; PP-OCR's real weights ship with the "
+            "rapidocr package and need no download, so launch it without tiny"
+        )
+    raise _accepted(name, "false (OCR models have no tiny checkpoint)", value)
+
+
+# option -> (OcrOptions field or None to drop, parser, engines that take it)
+_BOTH = ("onnxruntime", "transformers")
+_OPTIONS: Mapping[str, tuple[str | None, Callable[[str, object], object], tuple[str, ...]]] = {
+    "device": ("device", _device, _BOTH),
+    "model_path": ("model_path", _model_path, _BOTH),
+    "max_batch_size": ("max_batch_size", _batch, _BOTH),
+    "max_queue_size": ("max_queue_size", _positive_int, _BOTH),
+    "tiny": (None, _no_tiny, _BOTH),
+    "intra_op_num_threads": ("intra_op_num_threads", _positive_int, ("onnxruntime",)),
+    "text_score": ("text_score", _score, ("onnxruntime",)),
+    "torch_dtype": ("torch_dtype", _dtype, ("transformers",)),
+    "max_new_tokens": ("max_new_tokens", _positive_int, ("transformers",)),
+}
+
+
+def option_names(spec: OcrSpec) -> list[str]:
+    """The launch options `spec`'s engine accepts."""
+    return [name for name, (_, _, engines) in _OPTIONS.items() if spec.engine in engines]
+
+
+def parse_ocr_options(spec: OcrSpec, raw: Mapping[str, object]) -> OcrOptions:
+    """Merge the catalogue's default launch options under `raw` and validate them for `spec`'s engine."""
+    accepted = option_names(spec)
+    unknown = sorted(set(raw) - set(accepted))
+    if unknown:
+        raise LaunchOptionError(
+            f"unknown launch option {unknown[0]!r} for {spec.name} (an OCR model on {spec.engine}); accepted: "
+            f"{', '.join(accepted)}"
+        )
+    fields = {}
+    for name, value in {**spec.default_launch, **raw}.items():
+        field_name, parse, _ = _OPTIONS[name]
+        parsed = parse(name, value)
+        if field_name is not None:
+            fields[field_name] = parsed
+    return OcrOptions(**fields)

@@ -1,0 +1,150 @@
+"""OCR request parameters (the `kwargs` of `/v1/images/ocr`), validated against the model's engine.
+
+Values arrive as JSON values (from the `kwargs` JSON string) or as text (top-level multipart fields); both are
+parsed by the parameter's kind, so `"pages": [1, 3]`, `pages=1,3` and `pages=[1,3]` mean the same. An unknown
+parameter is refused, naming it and listing what the model accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from engine.catalogue import OcrSpec
+
+from .errors import OcrParamError
+
+MAX_REQUEST_ID_CHARS = 200
+GOT_OCR_TYPES = ("ocr", "format")
+GOT_COLORS = ("red", "green", "blue")
+
+
+@dataclass(frozen=True)
+class OcrParams:
+    """A validated OCR request's parameters. `pages`/`dpi` None: every page / the default dpi."""
+
+    detail: bool = False
+    pages: tuple[int, ...] | None = None
+    dpi: int | None = None
+    request_id: str | None = None
+    ocr_type: str = "ocr"  # GOT: "format" asks for markdown/LaTeX
+    ocr_box: tuple[float, float, float, float] | None = None  # GOT: read only this region (pixels)
+    ocr_color: str | None = None  # GOT: read only text of this colour
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    raise OcrParamError(f"{name} must be true or false, got {value!r}", name)
+
+
+def _integer(name: str, value: Any) -> int:
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise OcrParamError(f"{name} must be an integer, got {value!r}", name)
+
+
+def _pages(name: str, value: Any) -> tuple[int, ...]:
+    """An int or a list of 1-based page numbers (text: `3`, `1,3` or `[1, 3]`); repeats are dropped."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise OcrParamError(f"{name} must be a page number or a list of them, got {value!r}", name) from None
+        else:
+            value = [part for part in text.split(",") if part.strip()] if "," in text else text
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise OcrParamError(f"{name} is an empty list; give at least one 1-based page number", name)
+    try:
+        numbers = [_integer(name, item) for item in items]
+    except OcrParamError:
+        raise OcrParamError(f"{name} must be a page number or a list of them (1-based), got {value!r}",
+                            name) from None
+    if any(number < 1 for number in numbers):
+        raise OcrParamError(f"{name} are 1-based page numbers; got {numbers}", name)
+    return tuple(dict.fromkeys(numbers))
+
+
+def _request_id(name: str, value: Any) -> str:
+    if isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_CHARS:
+        return value
+    raise OcrParamError(f"{name} must be a string of 1 to {MAX_REQUEST_ID_CHARS} characters", name)
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def parse(name: str, value: Any) -> str:
+        if isinstance(value, str) and value.strip().lower() in choices:
+            return value.strip().lower()
+        raise OcrParamError(f"{name} must be one of {', '.join(choices)}; got {value!r}", name)
+
+    return parse
+
+
+def _plain_only(name: str, value: Any) -> str:
+    """PP-OCR reads plain text only; GOT's `ocr_type: "ocr"` is accepted for clients written for GOT."""
+    if value == "ocr":
+        return "ocr"
+    raise OcrParamError(f"{name}: this model reads plain text only; accepted: 'ocr' (formatted output needs "
+                        f"GOT-OCR2_0), got {value!r}", name)
+
+
+def _box(name: str, value: Any) -> tuple[float, float, float, float] | None:
+    """GOT's region: [x1, y1, x2, y2] in pixels, as a list or its text (GOT's own API takes the text)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    if (isinstance(value, list) and len(value) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                          and math.isfinite(v) for v in value)):
+        x1, y1, x2, y2 = (float(v) for v in value)
+        if 0 <= x1 < x2 and 0 <= y1 < y2:
+            return (x1, y1, x2, y2)
+    raise OcrParamError(f"{name} must be [x1, y1, x2, y2] in pixels with x1 < x2 and y1 < y2, got {value!r}", name)
+
+
+_COMMON: dict[str, Callable[[str, Any], Any]] = {
+    "detail": _boolean,
+    "pages": _pages,
+    "dpi": _integer,
+    "request_id": _request_id,
+}
+_BY_ENGINE: dict[str, dict[str, Callable[[str, Any], Any]]] = {
+    "onnxruntime": {**_COMMON, "ocr_type": _plain_only},
+    "transformers": {**_COMMON, "ocr_type": _choice(GOT_OCR_TYPES), "ocr_box": _box,
+                     "ocr_color": _choice(GOT_COLORS)},
+}
+
+
+def parameter_names(spec: OcrSpec) -> list[str]:
+    return list(_BY_ENGINE[spec.engine])
+
+
+def parse_ocr_params(spec: OcrSpec, raw: Mapping[str, Any]) -> OcrParams:
+    """Validate request parameters for `spec`; None values count as absent."""
+    parsers = _BY_ENGINE[spec.engine]
+    unknown = sorted(name for name in raw if name not in parsers)
+    if unknown:
+        raise OcrParamError(
+            f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for {spec.name}; "
+            f"accepted: {', '.join(parsers)}", unknown[0],
+        )
+    values = {name: parsers[name](name, value) for name, value in raw.items() if value is not None}
+    if spec.engine == "transformers" and values.get("detail"):
+        raise OcrParamError(f"detail: {spec.name} reads text without line boxes; detail=true needs PP-OCR",
+                            "detail")
+    return OcrParams(**values)
