@@ -24,8 +24,8 @@ FAMILY_TEXT_ENCODERS: Mapping[str, tuple[str, ...]] = {
     "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
     "flux": ("text_encoder", "text_encoder_2"),
 }
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
+TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 _NONE = frozenset({"none", "null"})
 
 
@@ -60,7 +60,8 @@ def resolve_dtype(spec: ModelSpec, options: LaunchOptions, device_type: str) -> 
     return spec.default_dtype
 
 
-def _accepted(name: str, what: str, value: object) -> LaunchOptionError:
+# The option parsers below are shared with the OCR models' launch options (engine/ocr/options.py).
+def invalid_option(name: str, what: str, value: object) -> LaunchOptionError:
     return LaunchOptionError(f"launch option {name!r}: got {value!r}; accepted: {what}")
 
 
@@ -68,43 +69,43 @@ def _boolean(name: str, value: object) -> bool:
     """A bool, or the strings a CLI would pass (true/false, 1/0, yes/no, on/off)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise _accepted(name, "true or false", value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise invalid_option(name, "true or false", value)
 
 
-def _positive_int(name: str, value: object) -> int:
+def positive_int(name: str, value: object) -> int:
     """An int >= 1, or its decimal string; bools and fractional numbers are refused."""
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
-    raise _accepted(name, "an integer >= 1", value)
+    raise invalid_option(name, "an integer >= 1", value)
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str, object], str]:
     def parse(name: str, value: object) -> str:
         if isinstance(value, str) and value in choices:
             return value
-        raise _accepted(name, " or ".join(repr(choice) for choice in choices), value)
+        raise invalid_option(name, " or ".join(repr(choice) for choice in choices), value)
 
     return parse
 
 
-def _dtype(name: str, value: object) -> str | None:
+def dtype_name(name: str, value: object) -> str | None:
     """A dtype name; `torch.float16` (str of a torch dtype) is accepted too, None means the catalogue default."""
     if value is None:
         return None
     return _choice(DTYPES)(name, value.removeprefix("torch.") if isinstance(value, str) else value)
 
 
-def _device(name: str, value: object) -> str:
+def device_name(name: str, value: object) -> str:
     if isinstance(value, str):
         device = value.strip().lower()
         index = device.removeprefix("cuda:")
         if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and index.isdigit()):
             return device
-    raise _accepted(name, "'auto', 'cpu', 'cuda' or 'cuda:N'", value)
+    raise invalid_option(name, "'auto', 'cpu', 'cuda' or 'cuda:N'", value)
 
 
 def _names(name: str, value: object) -> tuple[str, ...]:
@@ -113,23 +114,23 @@ def _names(name: str, value: object) -> tuple[str, ...]:
         return ()
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
-        raise _accepted(name, "a comma-separated string or a list of text encoder names", value)
+        raise invalid_option(name, "a comma-separated string or a list of text encoder names", value)
     return tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
 
 
-def _model_path(name: str, value: object) -> str | None:
+def local_path(name: str, value: object) -> str | None:
     if value is None or (isinstance(value, str) and value.strip()):
         return value
     if hasattr(value, "__fspath__"):
         return str(value)
-    raise _accepted(name, "a path to a local diffusers directory", value)
+    raise invalid_option(name, "a path to a local model directory", value)
 
 
 def _drop(name: str, value: object) -> bool:
     """text_encoder_3 takes only None: Xinference's way of saying "load SD3 without its T5 encoder"."""
     if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
         return True
-    raise _accepted(name, "None (load SD3 without its T5 text encoder)", value)
+    raise invalid_option(name, "None (load SD3 without its T5 text encoder)", value)
 
 
 def _backend(name: str, value: object) -> str:
@@ -147,16 +148,16 @@ def _backend(name: str, value: object) -> str:
 
 # Launch option name -> (LaunchOptions field, parser).
 _OPTIONS: Mapping[str, tuple[str, Callable[[str, object], object]]] = {
-    "torch_dtype": ("torch_dtype", _dtype),
-    "device": ("device", _device),
+    "torch_dtype": ("torch_dtype", dtype_name),
+    "device": ("device", device_name),
     "cpu_offload": ("cpu_offload", _boolean),
     "quantize_text_encoder": ("quantize_text_encoder", _names),
     "text_encoder_quantization": ("text_encoder_quantization", _choice(QUANTIZATIONS)),
     "text_encoder_3": ("drop_text_encoder_3", _drop),
     "tiny": ("tiny", _boolean),
-    "model_path": ("model_path", _model_path),
-    "max_batch_size": ("max_batch_size", _positive_int),
-    "max_queue_size": ("max_queue_size", _positive_int),
+    "model_path": ("model_path", local_path),
+    "max_batch_size": ("max_batch_size", positive_int),
+    "max_queue_size": ("max_queue_size", positive_int),
     "backend": ("backend", _backend),
 }
 

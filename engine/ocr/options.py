@@ -12,11 +12,16 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from engine.catalogue import OcrSpec
-from engine.options import LaunchOptionError
-
-DTYPES = ("float32", "float16", "bfloat16")
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
+from engine.options import (
+    FALSE_WORDS,
+    TRUE_WORDS,
+    LaunchOptionError,
+    device_name,
+    dtype_name,
+    invalid_option,
+    local_path,
+    positive_int,
+)
 
 
 @dataclass(frozen=True)
@@ -33,20 +38,8 @@ class OcrOptions:
     max_new_tokens: int = 4096  # GOT: longest text generated per page
 
 
-def _accepted(name: str, what: str, value: object) -> LaunchOptionError:
-    return LaunchOptionError(f"launch option {name!r}: got {value!r}; accepted: {what}")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
-    raise _accepted(name, "an integer >= 1", value)
-
-
 def _batch(name: str, value: object) -> int | None:
-    return None if value is None else _positive_int(name, value)
+    return None if value is None else positive_int(name, value)
 
 
 def _score(name: str, value: object) -> float:
@@ -57,59 +50,34 @@ def _score(name: str, value: object) -> float:
             pass
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1:
         return float(value)
-    raise _accepted(name, "a number between 0 and 1", value)
-
-
-def _device(name: str, value: object) -> str:
-    if isinstance(value, str):
-        device = value.strip().lower()
-        index = device.removeprefix("cuda:")
-        if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and index.isdigit()):
-            return device
-    raise _accepted(name, "'auto', 'cpu', 'cuda' or 'cuda:N'", value)
-
-
-def _model_path(name: str, value: object) -> str | None:
-    if value is None or (isinstance(value, str) and value.strip()):
-        return value
-    if hasattr(value, "__fspath__"):
-        return str(value)
-    raise _accepted(name, "a path to a local model directory", value)
-
-
-def _dtype(name: str, value: object) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
-        return value.removeprefix("torch.")
-    raise _accepted(name, " or ".join(repr(dtype) for dtype in DTYPES), value)
+    raise invalid_option(name, "a number between 0 and 1", value)
 
 
 def _no_tiny(name: str, value: object) -> bool:
     """`tiny` is accepted only as false: OCR models have no random-weight stand-in (PP-OCR's real weights ship
     with rapidocr and load in a second, so there is nothing to stand in for)."""
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _FALSE):
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in FALSE_WORDS):
         return False
-    if value is True or (isinstance(value, str) and value.strip().lower() in _TRUE):
+    if value is True or (isinstance(value, str) and value.strip().lower() in TRUE_WORDS):
         raise LaunchOptionError(
             "launch option 'tiny': OCR models have no tiny checkpoint; PP-OCR's real weights ship with the "
             "rapidocr package and need no download, so launch it without tiny"
         )
-    raise _accepted(name, "false (OCR models have no tiny checkpoint)", value)
+    raise invalid_option(name, "false (OCR models have no tiny checkpoint)", value)
 
 
 # option -> (OcrOptions field or None to drop, parser, engines that take it)
 _BOTH = ("onnxruntime", "transformers")
 _OPTIONS: Mapping[str, tuple[str | None, Callable[[str, object], object], tuple[str, ...]]] = {
-    "device": ("device", _device, _BOTH),
-    "model_path": ("model_path", _model_path, _BOTH),
+    "device": ("device", device_name, _BOTH),
+    "model_path": ("model_path", local_path, _BOTH),
     "max_batch_size": ("max_batch_size", _batch, _BOTH),
-    "max_queue_size": ("max_queue_size", _positive_int, _BOTH),
+    "max_queue_size": ("max_queue_size", positive_int, _BOTH),
     "tiny": (None, _no_tiny, _BOTH),
-    "intra_op_num_threads": ("intra_op_num_threads", _positive_int, ("onnxruntime",)),
+    "intra_op_num_threads": ("intra_op_num_threads", positive_int, ("onnxruntime",)),
     "text_score": ("text_score", _score, ("onnxruntime",)),
-    "torch_dtype": ("torch_dtype", _dtype, ("transformers",)),
-    "max_new_tokens": ("max_new_tokens", _positive_int, ("transformers",)),
+    "torch_dtype": ("torch_dtype", dtype_name, ("transformers",)),
+    "max_new_tokens": ("max_new_tokens", positive_int, ("transformers",)),
 }
 
 
