@@ -17,7 +17,7 @@ from . import report as reporting
 from .components import in_run_seconds, shape_key, work_from_records, work_seconds, parse_shape_key
 from .load import Outcome, percentiles, run_plan, summarize
 from .machine import REPO, cpu_seconds, load_average, machine_facts
-from .scenarios import BenchRequest, Plan, Scenario, ScenarioError, plan as draw_plans, same_mix
+from .scenarios import Plan, Scenario, plan as draw_plans, same_mix
 from .systems import BenchError, KilnHttp, run_worker
 
 SYSTEMS = ("kiln", "sequential", "static", "limit")

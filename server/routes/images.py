@@ -19,17 +19,14 @@ from engine.images import ImageStore, ImageTooLarge, NotAnImage, decode_upload, 
 from engine.requests import GeneratedImage, ImageRequest, RequestHandle
 from engine.runner import Runner
 
-from ..errors import ENGINE_ERRORS, ApiError, bad_request, error_response, from_engine
+from ..errors import ENGINE_ERRORS, ApiError, bad_request, from_engine
 from ..params import Generation, fit_size, parse_generation
 from ..streaming import PreviewChannel, image_events
 from . import context
 from .bodies import read_form, read_json_object
+from .waiting import ClientGone, client_gone_response, result_or_cancel
 
 _IMAGE_FIELDS = ("image", "image[]", "images", "images[]")  # OpenAI's and Xinference's spellings
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request ran; the request was aborted."""
 
 
 # --- endpoints -------------------------------------------------------------------------------------------------
@@ -103,9 +100,9 @@ async def _generate(
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     handle = _submit(request, runner, generation.to_request(image, mask))
     try:
-        images = await _wait(request, runner, handle)
+        images = await result_or_cancel(request, handle.future, lambda: runner.abort(handle.request.request_id))
     except ClientGone:
-        return error_response(499, "client disconnected; the request was aborted", code="client_disconnected")
+        return client_gone_response()
     base_url = str(request.base_url)
     data = await asyncio.to_thread(_items, images, generation, context.store(request), base_url)
     return JSONResponse({"created": int(time.time()), "data": data})
@@ -121,31 +118,6 @@ def _submit(request: Request, runner: Runner, image_request: ImageRequest) -> Re
         return runner.submit(image_request)
     except ENGINE_ERRORS as error:
         raise from_engine(error, registry.retry_after) from None
-
-
-async def _wait(request: Request, runner: Runner, handle: RequestHandle) -> list[GeneratedImage]:
-    """The request's images; if the client disconnects first, abort the request (its jobs leave the batch)."""
-    images = asyncio.wrap_future(handle.future)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({images, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not images.done():  # the client left, or this task was cancelled
-            runner.abort(handle.request.request_id)
-            images.add_done_callback(lambda future: future.cancelled() or future.exception())  # nobody awaits it
-    if not images.done():
-        raise ClientGone()
-    try:
-        return images.result()
-    except ENGINE_ERRORS as error:
-        raise from_engine(error, context.registry(request).retry_after) from None
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read, so only a disconnect can arrive)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 def _items(images: list[GeneratedImage], generation: Generation, store: ImageStore, base_url: str) -> list[dict]:

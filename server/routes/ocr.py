@@ -19,12 +19,13 @@ from starlette.responses import JSONResponse, Response
 from engine.catalogue import OCR
 from engine.images import ImageTooLarge, NotAnImage
 from engine.ocr import (
-    DocumentLimits, OcrHandle, OcrParamError, OcrParams, OcrRequest, OcrRunner, open_document, parse_ocr_params,
+    DocumentLimits, OcrParamError, OcrParams, OcrRequest, OcrRunner, open_document, parse_ocr_params,
 )
 
-from ..errors import ENGINE_ERRORS, ApiError, bad_request, error_response, from_engine
+from ..errors import ENGINE_ERRORS, ApiError, bad_request, from_engine
 from . import context
 from .bodies import MAX_FIELDS, MAX_FILES
+from .waiting import ClientGone, client_gone_response, result_or_cancel
 
 FILE_FIELD = "image"
 _FORM_FIELDS = ("model", "kwargs")
@@ -57,10 +58,10 @@ async def ocr(request: Request) -> Response:
     except ENGINE_ERRORS as error:
         document.close()
         raise from_engine(error, registry.retry_after) from None
-    result = await _wait(request, handle)
-    if result is _GONE:
-        return error_response(499, "client disconnected; the request was aborted", code="client_disconnected")
-    return JSONResponse(result)
+    try:
+        return JSONResponse(await result_or_cancel(request, handle.future, handle.cancel))
+    except ClientGone:
+        return client_gone_response()
 
 
 # --- the body ----------------------------------------------------------------------------------------------------
@@ -117,32 +118,3 @@ def _params(runner: OcrRunner, fields: dict[str, str]) -> OcrParams:
         return parse_ocr_params(runner.spec, raw)
     except OcrParamError as error:
         raise bad_request(str(error), error.param) from None
-
-
-# --- waiting -----------------------------------------------------------------------------------------------------
-_GONE = object()
-
-
-async def _wait(request: Request, handle: OcrHandle) -> Any:
-    """The response body; if the client disconnects first, the request is cancelled and `_GONE` returned."""
-    result = asyncio.wrap_future(handle.future)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not result.done():  # the client left, or this task was cancelled
-            handle.cancel()
-            result.add_done_callback(lambda future: future.cancelled() or future.exception())  # nobody awaits it
-    if not result.done():
-        return _GONE
-    try:
-        return result.result()
-    except ENGINE_ERRORS as error:
-        raise from_engine(error, context.registry(request).retry_after) from None
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read, so only a disconnect can arrive)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
