@@ -103,9 +103,7 @@ class Executor:
 
     @torch.no_grad()
     def _encode(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
-        prompts = list(dict.fromkeys(job.prompt for job in jobs))
-        encoded = dict(zip(prompts, self.family.encode(prompts)))
-        cond = [encoded[job.prompt] for job in jobs]
+        cond = self.family.encode_cached([job.prompt for job in jobs])
         cfg = [i for i, job in enumerate(jobs) if self.family.uses_cfg(job.request.guidance_scale)]
         uncond: list[Conditioning | None] = [None] * len(jobs)
         if cfg:

@@ -8,6 +8,7 @@ any batch, and the denoiser forward takes a per-row timestep and guidance.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -17,6 +18,11 @@ from PIL import Image
 from .denoisers import Denoiser
 
 Conditioning = dict[str, torch.Tensor]
+TEXT_CACHE_BYTES = 64 * 2**20  # encoded prompts kept per model (a FLUX T5 row is 4 MB in bf16, an SD1.5 row 0.1 MB)
+
+
+def _nbytes(rows: Conditioning) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in rows.values())
 
 
 class Family:
@@ -33,6 +39,8 @@ class Family:
         self.dtype = dtype
         self.vae = pipeline.vae
         self.vae_scale_factor = pipeline.vae_scale_factor
+        self._text_cache: OrderedDict[str, Conditioning] = OrderedDict()
+        self._text_cache_bytes = 0
         self.denoiser = self.make_denoiser()  # a backend may replace it with a compiled twin of the same signature
         if dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
             self.vae.to(torch.float32)  # fp16 SDXL VAEs overflow; diffusers upcasts them the same way
@@ -48,9 +56,24 @@ class Family:
     def encode_negatives(self, texts: list[str | None], positives: list[Conditioning]) -> list[Conditioning]:
         """Unconditional rows; a missing negative prompt is the empty prompt unless the family says otherwise.
         Each distinct text is encoded once (usually every job's is the empty prompt)."""
-        unique = list(dict.fromkeys(text or "" for text in texts))
-        encoded = dict(zip(unique, self.encode(unique)))
-        return [encoded[text or ""] for text in texts]
+        return self.encode_cached([text or "" for text in texts])
+
+    def encode_cached(self, texts: list[str]) -> list[Conditioning]:
+        """`encode` through a small LRU cache bounded in bytes: the empty negative prompt, and prompts that
+        recur, are encoded once instead of at every admission. Each distinct text is encoded once per call."""
+        cache = self._text_cache
+        missing = [text for text in dict.fromkeys(texts) if text not in cache]
+        if missing:
+            for text, rows in zip(missing, self.encode(missing)):
+                cache[text] = rows
+                self._text_cache_bytes += _nbytes(rows)
+        found = []
+        for text in texts:
+            cache.move_to_end(text)
+            found.append(cache[text])
+        while self._text_cache_bytes > TEXT_CACHE_BYTES and len(cache) > 1:
+            self._text_cache_bytes -= _nbytes(cache.popitem(last=False)[1])
+        return found
 
     def size_conditioning(self, width: int, height: int) -> Conditioning:
         """Extra per-row conditioning that depends only on the image size (SDXL's time ids)."""

@@ -32,7 +32,7 @@ class SDXLFamily(SDFamily):
         if not self.pipeline.config.force_zeros_for_empty_prompt:
             return super().encode_negatives(texts, positives)
         given = [i for i, text in enumerate(texts) if text is not None]
-        encoded = dict(zip(given, self.encode([texts[i] for i in given]))) if given else {}
+        encoded = dict(zip(given, self.encode_cached([texts[i] for i in given]))) if given else {}
         return [
             encoded.get(i) or {key: torch.zeros_like(value) for key, value in positives[i].items()}
             for i in range(len(texts))

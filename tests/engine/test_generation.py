@@ -155,3 +155,20 @@ def test_progress_is_the_fraction_of_steps_done(runner_for):
     assert handle.progress == 0.25
     drive(runner, handle.future.done)
     assert handle.progress == 1.0
+
+
+def test_prompt_encodings_are_cached_within_a_byte_budget(runner_for, monkeypatch):
+    from engine.families import base
+
+    family = runner_for("sd-turbo").executor.family
+    calls = []
+    encode = family.encode
+    monkeypatch.setattr(family, "encode", lambda texts: calls.append(list(texts)) or encode(texts))
+    first = family.encode_cached(["cache a", "cache b", "cache a"])
+    second = family.encode_cached(["cache b", "cache c"])
+    assert calls == [["cache a", "cache b"], ["cache c"]]
+    assert first[0] is first[2] and second[0] is first[1]
+    monkeypatch.setattr(base, "TEXT_CACHE_BYTES", 0)  # over budget: only the newest entry stays
+    family.encode_cached(["cache d"])
+    family.encode_cached(["cache a"])
+    assert calls[-2:] == [["cache d"], ["cache a"]]
