@@ -23,7 +23,7 @@ from ..errors import ENGINE_ERRORS, ApiError, bad_request, from_engine
 from ..params import Generation, fit_size, parse_generation
 from ..streaming import PreviewChannel, image_events
 from . import context
-from .bodies import read_form, read_json_object
+from .bodies import Upload, read_form, read_json_object
 from .waiting import ClientGone, client_gone_response, result_or_cancel
 
 _IMAGE_FIELDS = ("image", "image[]", "images", "images[]")  # OpenAI's and Xinference's spellings
@@ -134,8 +134,8 @@ def _items(images: list[GeneratedImage], generation: Generation, store: ImageSto
 
 
 # --- uploads ---------------------------------------------------------------------------------------------------
-def _one_file(files: dict[str, list[bytes]], names: tuple[str, ...], *, required: bool) -> bytes | None:
-    uploads = [upload for name in names for upload in files.get(name, [])]
+def _one_file(files: dict[str, list[Upload]], names: tuple[str, ...], *, required: bool) -> bytes | None:
+    uploads = [upload.data for name in names for upload in files.get(name, [])]
     if len(uploads) > 1:
         raise bad_request(f"{names[0]}: send one file; Kiln edits one input image per request (got {len(uploads)})",
                           names[0])

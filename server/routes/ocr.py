@@ -12,7 +12,6 @@ import asyncio
 import json
 from typing import Any
 
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -24,7 +23,7 @@ from engine.ocr import (
 
 from ..errors import ENGINE_ERRORS, ApiError, bad_request, from_engine
 from . import context
-from .bodies import MAX_FIELDS, MAX_FILES
+from .bodies import read_form
 from .waiting import ClientGone, client_gone_response, result_or_cancel
 
 FILE_FIELD = "image"
@@ -67,26 +66,8 @@ async def ocr(request: Request) -> Response:
 # --- the body ----------------------------------------------------------------------------------------------------
 async def _read_form(request: Request) -> tuple[dict[str, str], bytes, str | None]:
     """Text fields, and the one uploaded file with its declared content type."""
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        raise ApiError(415, f"send multipart/form-data with the file in `{FILE_FIELD}`, not "
-                       f"{content_type or 'a body without Content-Type'}", code="unsupported_media_type")
-    form = await request.form(max_files=MAX_FILES, max_fields=MAX_FIELDS)
-    fields: dict[str, str] = {}
-    uploads: list[tuple[bytes, str | None]] = []
-    try:
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if name != FILE_FIELD:
-                    raise bad_request(f"{name!r} must be a text field, not a file; send the file in `{FILE_FIELD}`",
-                                      name)
-                uploads.append((await value.read(), value.content_type))
-            elif name == FILE_FIELD:
-                raise bad_request(f"{FILE_FIELD} must be a file upload (multipart file part), not text", FILE_FIELD)
-            else:
-                fields[name] = value
-    finally:
-        await form.close()
+    fields, files = await read_form(request, (FILE_FIELD,))
+    uploads = files.get(FILE_FIELD, [])
     if not uploads:
         raise bad_request(f"{FILE_FIELD} is required: send the image or PDF as a file in multipart/form-data",
                           FILE_FIELD, "missing_parameter")
