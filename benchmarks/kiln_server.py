@@ -157,7 +157,7 @@ async def bench_stats(request):
         if recorder is None:
             continue
         data = recorder.clear() if reset else dict(recorder.data)
-        models[runner.uid] = {**data, "max_batch_size": runner.options.max_batch_size,
+        models[runner.uid] = {**data, "max_batch_size": runner.max_batch_size,
                               "forward_rows": {str(k): v for k, v in runner.stats.forward_rows.items()}}
     memory = {**process_memory(), **(gpu_memory(reset) or {})}
     if reset:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .families.base import Conditioning, Family
+from .memory import BatchBudget
 from .requests import InvalidRequest, Job
 from .samplers import SamplerFactory, step_accepts_generator
 
@@ -59,10 +60,11 @@ def is_out_of_memory(error: BaseException) -> bool:
 class Executor:
     """Runs a plan's tensor work for one model through its family adapter."""
 
-    def __init__(self, family: Family, max_batch_size: int):
+    def __init__(self, family: Family, budget: BatchBudget):
         self.family = family
+        self.budget = budget
         self.samplers = SamplerFactory(family.pipeline.scheduler, family.flow)
-        self.forward_limit = max_batch_size  # jobs per denoiser forward; lowered after an out-of-memory error
+        self.forward_limit = budget.max_batch_size  # jobs per call at any size; lowered after an out-of-memory error
         self.on_forward: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
 
     # --- failure isolation --------------------------------------------------------------------------------
@@ -158,13 +160,17 @@ class Executor:
         return self.family.mask_to_latent(small.to(self.family.device, self.family.dtype))
 
     # --- the step -------------------------------------------------------------------------------------------
+    def _calls(self, jobs: list[Job]) -> list[list[Job]]:
+        """A lane's jobs cut into the batches one forward or decode may hold at the lane's size."""
+        request = jobs[0].request
+        size = min(self.forward_limit, self.budget.jobs_per_call(request.width, request.height))
+        return [jobs[start : start + size] for start in range(0, len(jobs), size)]
+
     def step(self, jobs: list[Job], fail: FailJob) -> None:
-        """One denoising step for a lane: batched forwards (at most `forward_limit` jobs each), then every
+        """One denoising step for a lane: batched forwards (as many jobs each as memory allows), then every
         job's own sampler step."""
         predictions: dict[Job, torch.Tensor] = {}
-        pending = list(jobs)
-        while pending:
-            chunk, pending = pending[: self.forward_limit], pending[self.forward_limit :]
+        for chunk in self._calls(jobs):
             predictions.update(self._isolated(chunk, self._predict, fail))
         for job, prediction in predictions.items():
             try:
@@ -231,9 +237,12 @@ class Executor:
         if not jobs:
             return {}
         width, height = jobs[0].request.width, jobs[0].request.height
-        return self._isolated(
-            jobs, lambda part: self.family.decode(torch.cat([j.state.latents for j in part]), width, height), fail
-        )
+        images: dict[Job, Image.Image] = {}
+        for chunk in self._calls(jobs):
+            images.update(self._isolated(
+                chunk, lambda part: self.family.decode(torch.cat([j.state.latents for j in part]), width, height), fail
+            ))
+        return images
 
 
 def _renoise(sampler: Any, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ class LaunchOptions:
     drop_text_encoder_3: bool = False  # SD3 without T5, from text_encoder_3=None
     tiny: bool = False  # use the tiny random-weight checkpoint (engine.tiny)
     model_path: str | None = None  # a local diffusers directory
-    max_batch_size: int = 16  # images per denoiser forward
+    max_batch_size: int | None = None  # active jobs (images) at most; None ("auto"): from free GPU memory, 16 on CPU
     max_queue_size: int = 256  # jobs waiting for admission
     backend: str = "auto"  # auto: tensorrt with a cached engine, else compile on a GPU, else eager
 
@@ -81,6 +81,16 @@ def positive_int(name: str, value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     raise invalid_option(name, "an integer >= 1", value)
+
+
+def _batch_size(name: str, value: object) -> int | None:
+    """A positive int, or "auto" (None): derived from free memory at load (engine/memory.py)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        return positive_int(name, value)
+    except LaunchOptionError:
+        raise invalid_option(name, "an integer >= 1 or 'auto'", value) from None
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str, object], str]:
@@ -156,7 +166,7 @@ _OPTIONS: Mapping[str, tuple[str, Callable[[str, object], object]]] = {
     "text_encoder_3": ("drop_text_encoder_3", _drop),
     "tiny": ("tiny", _boolean),
     "model_path": ("model_path", local_path),
-    "max_batch_size": ("max_batch_size", positive_int),
+    "max_batch_size": ("max_batch_size", _batch_size),
     "max_queue_size": ("max_queue_size", positive_int),
     "backend": ("backend", _backend),
 }

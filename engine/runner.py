@@ -20,6 +20,7 @@ from .catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE, ModelSpec
 from .execution import Executor
 from .families import make_family
 from .loading import LoadedModel, load_model
+from .memory import CPU_BATCH_SIZE, batch_budget
 from .options import LaunchOptions
 from .requests import EngineError, ImageRequest, InvalidRequest, Job, RequestAborted, RequestHandle
 from .samplers import sampler_names
@@ -56,7 +57,7 @@ class Runner:
         self.error: str | None = None
         self.created = int(time.time())
         self.stats = RunnerStats()
-        self.scheduler = Scheduler(options.max_batch_size, options.max_queue_size)
+        self.scheduler = Scheduler(options.max_batch_size or CPU_BATCH_SIZE, options.max_queue_size)  # set by load
         self.loaded: LoadedModel | None = None
         self.executor: Executor | None = None
         self.backend_info: dict = {}  # the backend that runs the denoiser, its warm-up time, ... (set by load)
@@ -77,12 +78,14 @@ class Runner:
         try:
             self.loaded = load_model(self.spec, self.options)
             family = make_family(self.spec.family, self.loaded.pipeline, self.loaded.device, self.loaded.dtype)
+            budget = batch_budget(family, self.options.max_batch_size, self.spec.default_size)
+            self.scheduler.max_batch_size = budget.max_batch_size
             self.backend_info = launch_backend(
                 self.options.backend, family, model=self.spec.name, stride=self.spec.stride,
-                source=self.loaded.source, max_batch_size=self.options.max_batch_size,
+                source=self.loaded.source, max_batch_size=budget.max_batch_size,
                 warmup_size=warmup_size or self.spec.default_size, cpu_offload=self.options.cpu_offload,
             )
-            self.executor = Executor(family, self.options.max_batch_size)
+            self.executor = Executor(family, budget)
             self.executor.on_forward = self._record_forward
         except Exception as error:
             self.status, self.error = "failed", str(error)
@@ -159,6 +162,11 @@ class Runner:
             return "NO_OP"
         self.scheduler.wake()
         return "DONE"
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """Active jobs at most: the launch option, or what "auto" derived at load (None until loaded)."""
+        return self.scheduler.max_batch_size if self.executor is not None else None
 
     @property
     def queue_depth(self) -> int:

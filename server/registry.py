@@ -197,6 +197,7 @@ class ModelRegistry:
             "status": runner.status,
             "error": runner.error,
             "launch_options": _options(runner.options),
+            "max_batch_size": runner.max_batch_size,  # resolved: "auto" becomes a number at load
         }
 
     def describe_all(self) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from typing import TextIO
 
 from engine.catalogue import CATALOGUE
 
-DEFAULT_MAX_BATCH = 16  # the launch option max_batch_size's default
+DEFAULT_MAX_BATCH = 16  # what max_batch_size "auto" is on a CPU; give a GPU launch's derived figure (GET /v1/models/{uid})
 
 
 def size_arg(text: str) -> tuple[int, int]:

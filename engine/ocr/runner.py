@@ -182,8 +182,8 @@ class OcrRunner:
 
     # --- the doors ------------------------------------------------------------------------------------------
     @property
-    def max_batch_size(self) -> int:
-        return self.model.max_batch_size if self.model is not None else 0
+    def max_batch_size(self) -> int | None:
+        return self.model.max_batch_size if self.model is not None else None
 
     def submit(self, request: OcrRequest) -> OcrHandle:
         """Queue a request; raises InvalidRequest, or QueueFull when max_queue_size requests are waiting."""

@@ -155,6 +155,7 @@ def test_launch_options_parse_cli_strings_and_merge_catalogue_defaults() -> None
     ("sd-turbo", {"no_such_option": 1}, "no_such_option"),
     ("sd-turbo", {"max_batch_size": 0}, "max_batch_size"),
     ("sd-turbo", {"max_batch_size": 2.5}, "max_batch_size"),
+    ("sd-turbo", {"max_batch_size": "most"}, "max_batch_size"),
     ("sd-turbo", {"max_queue_size": True}, "max_queue_size"),
     ("sd-turbo", {"cpu_offload": "sometimes"}, "cpu_offload"),
     ("sd-turbo", {"tiny": 1}, "tiny"),

@@ -50,7 +50,10 @@ def test_launch_with_client_fields_then_terminate(http: httpx.Client) -> None:
     response = http.post("/v1/models", json=body)
     assert response.status_code == 200, response.text
     assert response.json() == {"model_uid": "temp-sd"}
-    assert http.get("/v1/models/temp-sd").json()["launch_options"]["max_batch_size"] == 4
+    description = http.get("/v1/models/temp-sd").json()
+    assert description["launch_options"]["max_batch_size"] == description["max_batch_size"] == 4
+    default = http.get("/v1/models/sd15").json()  # launched without it: "auto", 16 on a CPU
+    assert default["launch_options"]["max_batch_size"] is None and default["max_batch_size"] == 16
     assert http.post("/v1/images/generations", json={**GENERATE, "model": "temp-sd"}).status_code == 200
     duplicate = http.post("/v1/models", json=body)
     assert_error(duplicate, 400, "temp-sd", "already launched")
