@@ -7,6 +7,7 @@ a plain `kiln serve --demo`. Each runs in its own process with the same torch th
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -105,9 +106,31 @@ def _attach_admission(run: dict[str, Any]) -> list[float]:
     return delays
 
 
+def _admission_floors(run: dict[str, Any]) -> list[tuple[float, float]]:
+    """Per request, (floor, excess) of its server-side admission delay. The floor is what a step-level scheduler
+    cannot avoid: the rest of its model's step in flight when the request arrived, plus its own first step; the
+    excess is the rest (decodes of finished jobs, prompt encoding, job set-up, waiting for a free slot)."""
+    parts = []
+    for records in run["stats"]["models"].values():
+        steps = sorted((start, start + seconds) for start, seconds, *_ in records["steps"])
+        starts = [start for start, _ in steps]
+        for submitted, first_step, *_ in records["requests"].values():
+            if first_step is None:
+                continue
+            own = bisect.bisect_right(starts, first_step) - 1  # the last step to start before the stamp
+            before = bisect.bisect_right(starts, submitted) - 1
+            if own < 0:
+                continue
+            in_flight = max(0.0, steps[before][1] - submitted) if before >= 0 else 0.0
+            floor = in_flight + (steps[own][1] - steps[own][0]) if before != own else first_step - submitted
+            parts.append((floor, first_step - submitted - floor))
+    return parts
+
+
 def _kiln_figures(runs: list[dict[str, Any]], max_batch_size: int) -> dict[str, Any]:
     """What the server's records say about batching and where its time went, over all runs of a plan."""
     delays = [delay for run in runs for delay in _attach_admission(run)]
+    floors = [part for run in runs for part in _admission_floors(run)]
     merged = _merge_records(runs)
     steps = [row for records in merged.values() for row in records["steps"]]
     forwards = [row for records in merged.values() for row in records["forwards"]]
@@ -131,6 +154,8 @@ def _kiln_figures(runs: list[dict[str, Any]], max_batch_size: int) -> dict[str, 
         "admit_s": percentiles([row[1] for row in admits]),
         "encode_per_admit_s": sum(row[2] for row in encodes) / len(admits) if admits else None,
         "server_admission_s": percentiles(delays),
+        "admission_floor_s": percentiles([floor for floor, _ in floors]),
+        "admission_excess_s": percentiles([excess for _, excess in floors]),
         "time_split_s": {
             "steps": sum(step_seconds),
             "admits": sum(row[1] for row in admits),

@@ -130,7 +130,13 @@ def test_percentiles_are_ordered(report: dict) -> None:
             _ordered(figures["admission_s"])
             # Admission (first step done) comes before completion, request by request, so in every percentile.
             assert figures["admission_s"]["max"] <= figures["latency_s"]["max"] + 1e-6
-        _ordered(plan["systems"]["kiln"]["step_s"])
+        kiln = plan["systems"]["kiln"]
+        _ordered(kiln["step_s"])
+        # Server-side admission splits into the floor (the step in flight, then the request's own first step)
+        # and the excess, request by request, so their means add up; the excess is never below zero.
+        floor, excess = kiln["admission_floor_s"], kiln["admission_excess_s"]
+        assert floor["mean"] + excess["mean"] == pytest.approx(kiln["server_admission_s"]["mean"], abs=1e-6)
+        assert floor["min"] > 0 and excess["min"] >= -1e-3
 
 
 def test_ratios_are_quotients_of_reported_figures(report: dict) -> None:
