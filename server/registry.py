@@ -21,6 +21,7 @@ from engine.options import LaunchOptionError, LaunchOptions, parse_launch_option
 from engine.requests import RequestHandle
 from engine.runner import Runner
 
+from . import heap
 from .errors import ApiError, bad_request
 
 log = logging.getLogger("kiln.server")
@@ -129,6 +130,7 @@ class ModelRegistry:
             del self._loads[uid]
         if not task.cancelled() and task.exception() is not None:
             log.warning("model %s failed to load: %s", uid, task.exception())
+        heap.settle()
 
     # --- lookup ---------------------------------------------------------------------------------------------
     @property
@@ -212,6 +214,8 @@ class ModelRegistry:
         if load is not None:
             await asyncio.wait({load})  # a load cannot be interrupted; close once it is done
         await asyncio.to_thread(runner.close)
+        del runner
+        heap.settle()
 
     async def close(self) -> None:
         """Terminate every model (at shutdown)."""

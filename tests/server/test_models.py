@@ -171,3 +171,19 @@ def test_model_registrations(http: httpx.Client) -> None:
     one = http.get("/v1/model_registrations/image/FLUX.1-schnell").json()
     assert one["model_ability"] == ["text2image", "image2image", "inpainting"] and one["default_steps"] == 4
     assert_error(http.get("/v1/model_registrations/image/nope"), 404, "nope", "sd-turbo")
+
+
+def test_loaded_models_are_frozen_out_of_full_collections_and_freed_on_terminate(kiln) -> None:
+    """Full garbage collections would walk every loaded model's objects (long stalls of every thread); a launch
+    freezes them, and a terminate unfreezes and collects, so the model's reference cycles are freed."""
+    import gc
+    import weakref
+
+    gc.unfreeze()
+    response = kiln.http.post("/v1/models", json={"model_name": "sd-turbo", "model_uid": "temp-frozen", "tiny": True})
+    assert response.status_code == 200, response.text
+    assert gc.get_freeze_count() > 10_000  # the loaded models' objects at least
+    runner = weakref.ref(kiln.app.state.registry.runner("temp-frozen"))
+    assert runner() is not None
+    assert kiln.http.delete("/v1/models/temp-frozen").status_code == 200
+    assert runner() is None
