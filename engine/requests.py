@@ -10,6 +10,7 @@ import itertools
 import random
 import threading
 import uuid
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -166,3 +167,44 @@ class RequestHandle:
     def fail(self, error: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(error)
+
+
+class RequestBook:
+    """The requests a runner answers for by id (progress, abort): those under way, and the most recent finished
+    ones so that their progress stays readable for a while. Shared by the image and OCR runners; thread-safe.
+    Handles need a `future` and `fail(error)`."""
+
+    def __init__(self, keep_finished: int = 1024):
+        self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._keep = keep_finished
+        self._lock = threading.Lock()
+
+    def add(self, request_id: str, handle: Any) -> None:
+        """Record a new request; InvalidRequest if one with the same id is still under way."""
+        with self._lock:
+            previous = self._handles.get(request_id)
+            if previous is not None and not previous.future.done():
+                raise InvalidRequest(f"request_id {request_id!r} is already running")
+            self._handles[request_id] = handle
+            self._handles.move_to_end(request_id)
+            if len(self._handles) > self._keep:  # forget the oldest finished; running ones stay whatever their age
+                finished = [key for key, known in self._handles.items() if known.future.done()]
+                for old in finished[: len(finished) - self._keep]:
+                    del self._handles[old]
+
+    def discard(self, request_id: str, handle: Any) -> None:
+        """Forget `handle` (a request refused after `add`)."""
+        with self._lock:
+            if self._handles.get(request_id) is handle:
+                del self._handles[request_id]
+
+    def get(self, request_id: str) -> Any | None:
+        with self._lock:
+            return self._handles.get(request_id)
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every request still under way (the runner is closing)."""
+        with self._lock:
+            handles = list(self._handles.values())
+        for handle in handles:
+            handle.fail(error)

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -22,16 +21,16 @@ from .families import make_family
 from .loading import LoadedModel, load_model
 from .memory import CPU_BATCH_SIZE, batch_budget
 from .options import LaunchOptions
-from .requests import EngineError, ImageRequest, InvalidRequest, Job, RequestAborted, RequestHandle
+from .requests import EngineError, ImageRequest, InvalidRequest, Job, QueueFull, RequestAborted, RequestHandle
 from .samplers import sampler_names
 from .scheduler import Scheduler, StepPlan
+from .worker import ModelWorker
 
 log = logging.getLogger("kiln.engine")
 
 MAX_STEPS = 500
 MAX_GUIDANCE = 100.0
 _MODE_ABILITY = {"text2image": TEXT2IMAGE, "image2image": IMAGE2IMAGE, "inpainting": INPAINTING}
-_RECENT_REQUESTS = 1024  # finished requests whose progress stays readable
 
 
 @dataclass
@@ -46,25 +45,20 @@ class RunnerStats:
     forward_seconds: float = 0.0
 
 
-class Runner:
-    """One launched model. `load()` blocks; `submit()` is safe from any thread."""
+class Runner(ModelWorker):
+    """One launched image model. `load()` blocks; `submit()` is safe from any thread."""
+
+    thread_name = "kiln-scheduler"
 
     def __init__(self, uid: str, spec: ModelSpec, options: LaunchOptions):
-        self.uid = uid
+        super().__init__(uid)
         self.spec = spec
         self.options = options
-        self.status = "created"  # created -> loading -> ready | failed; stopped after close()
-        self.error: str | None = None
-        self.created = int(time.time())
         self.stats = RunnerStats()
         self.scheduler = Scheduler(options.max_batch_size or CPU_BATCH_SIZE, options.max_queue_size)  # set by load
         self.loaded: LoadedModel | None = None
         self.executor: Executor | None = None
         self.backend_info: dict = {}  # the backend that runs the denoiser, its warm-up time, ... (set by load)
-        self._requests: OrderedDict[str, RequestHandle] = OrderedDict()
-        self._requests_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def load(self, start: bool = True, warmup_size: tuple[int, int] | None = None) -> None:
@@ -74,8 +68,8 @@ class Runner:
         With start=False no thread runs and the caller drives the loop with `iterate()`, one step at a time:
         tests use this to make requests join at chosen steps. Warm-up (compile: every batch bucket) runs at
         `warmup_size` (width, height), by default the model's default size."""
-        self.status = "loading"
-        try:
+
+        def load() -> None:
             self.loaded = load_model(self.spec, self.options)
             family = make_family(self.spec.family, self.loaded.pipeline, self.loaded.device, self.loaded.dtype)
             budget = batch_budget(family, self.options.max_batch_size, self.spec.default_size)
@@ -87,25 +81,8 @@ class Runner:
             )
             self.executor = Executor(family, budget)
             self.executor.on_forward = self._record_forward
-        except Exception as error:
-            self.status, self.error = "failed", str(error)
-            raise
-        if start:
-            self._thread = threading.Thread(target=self._loop, name=f"kiln-scheduler-{self.uid}", daemon=True)
-            self._thread.start()
-        self.status = "ready"
 
-    def close(self) -> None:
-        """Stop the thread; requests still waiting or running fail with RequestAborted."""
-        self._stopping.set()
-        self.scheduler.wake()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-        with self._requests_lock:
-            handles = list(self._requests.values())
-        for handle in handles:
-            handle.fail(RequestAborted(f"model {self.uid} was terminated"))
-        self.status = "stopped"
+        self._load_and_start(load, start)
 
     # --- the doors ------------------------------------------------------------------------------------------
     def validate(self, request: ImageRequest) -> None:
@@ -131,9 +108,6 @@ class Runner:
             )
         if not 1 <= request.image_count <= self.options.max_queue_size:
             raise InvalidRequest(f"a request may ask for 1 to {self.options.max_queue_size} images")
-        with self._requests_lock:
-            if request.request_id in self._requests and not self._requests[request.request_id].future.done():
-                raise InvalidRequest(f"request_id {request.request_id!r} is already running")
 
     def submit(self, request: ImageRequest) -> RequestHandle:
         """Queue a request; raises InvalidRequest, or QueueFull when the waiting queue is at its bound."""
@@ -141,27 +115,14 @@ class Runner:
             raise EngineError(f"model {self.uid} is not ready (status: {self.status})")
         self.validate(request)
         handle = RequestHandle(request, lane=(request.width, request.height))
-        self.scheduler.add(handle.jobs)
-        with self._requests_lock:
-            self._requests[request.request_id] = handle
-            while len(self._requests) > _RECENT_REQUESTS and next(iter(self._requests.values())).future.done():
-                self._requests.popitem(last=False)
+        self._requests.add(request.request_id, handle)
+        try:
+            self.scheduler.add(handle.jobs)
+        except QueueFull:
+            self._requests.discard(request.request_id, handle)
+            raise
         handle.future.add_done_callback(lambda future: self._count_outcome(future, handle))
         return handle
-
-    def get(self, request_id: str) -> RequestHandle | None:
-        with self._requests_lock:
-            return self._requests.get(request_id)
-
-    def abort(self, request_id: str) -> str:
-        """Xinference's abort answer: DONE (cancelled), NO_OP (already finished) or NOT_FOUND."""
-        handle = self.get(request_id)
-        if handle is None:
-            return "NOT_FOUND"
-        if not handle.cancel():
-            return "NO_OP"
-        self.scheduler.wake()
-        return "DONE"
 
     @property
     def max_batch_size(self) -> int | None:
@@ -177,6 +138,9 @@ class Runner:
         return self.scheduler.active_count
 
     # --- the scheduler thread -------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        self.scheduler.wake()
+
     def _loop(self) -> None:
         while not self._stopping.is_set():
             if self.scheduler.wait_for_work(timeout=0.5):

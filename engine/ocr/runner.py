@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -30,6 +30,7 @@ from PIL import Image
 
 from engine.catalogue import OcrSpec
 from engine.requests import EngineError, InvalidRequest, QueueFull, RequestAborted
+from engine.worker import ModelWorker
 
 from .document import Document
 from .layout import PageText, Segment, format_result
@@ -40,7 +41,6 @@ log = logging.getLogger("kiln.engine.ocr")
 
 PAGES_PER_STEP = 8  # PP-OCR: pages detected before their crops are recognised together
 STEP_PIXELS = 48_000_000  # rendered pixels per step (at least one page): bounds a step's memory
-_RECENT_REQUESTS = 1024  # finished requests whose progress stays readable
 
 
 class OcrModel(Protocol):
@@ -127,58 +127,43 @@ class OcrStats:
     lines: int = 0  # text lines returned
 
 
-class OcrRunner:
+class OcrRunner(ModelWorker):
     """One launched OCR model. `load()` blocks; `submit()` is safe from any thread."""
+
+    thread_name = "kiln-ocr"
 
     def __init__(self, uid: str, spec: OcrSpec, options: OcrOptions,
                  model_factory: Callable[[OcrSpec, OcrOptions, Callable[[int, float], None]], OcrModel] | None = None):
-        self.uid = uid
+        super().__init__(uid)
         self.spec = spec
         self.options = options
-        self.status = "created"  # created -> loading -> ready | failed; stopped after close()
-        self.error: str | None = None
-        self.created = int(time.time())
         self.stats = OcrStats()
         self.model: OcrModel | None = None
         self._model_factory = model_factory or make_model
         self._waiting: deque[tuple[OcrHandle, deque[int]]] = deque()  # requests with pages left, round-robin
         self._waiting_pages = 0
         self._active_pages = 0
-        self._requests: OrderedDict[str, OcrHandle] = OrderedDict()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def load(self, start: bool = True) -> None:
         """Load the model and start the worker thread; raises (and records) load errors. With start=False no
         thread runs and the caller drives the work with `iterate()` (tests use this to choose what batches)."""
-        self.status = "loading"
-        try:
-            self.model = self._model_factory(self.spec, self.options, self._record_forward)
-        except Exception as error:
-            self.status, self.error = "failed", str(error)
-            raise
-        if start:
-            self._thread = threading.Thread(target=self._loop, name=f"kiln-ocr-{self.uid}", daemon=True)
-            self._thread.start()
-        self.status = "ready"
 
-    def close(self) -> None:
-        """Stop the thread; requests still waiting or running fail with RequestAborted."""
-        self._stopping.set()
+        def load() -> None:
+            self.model = self._model_factory(self.spec, self.options, self._record_forward)
+
+        self._load_and_start(load, start)
+
+    def _wake(self) -> None:
         with self._work:
             self._work.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+
+    def _drop_waiting(self) -> None:
         with self._lock:
-            handles = list(self._requests.values())
             self._waiting.clear()
             self._waiting_pages = 0
-        for handle in handles:
-            handle.fail(RequestAborted(f"model {self.uid} was terminated"))
-        self.status = "stopped"
 
     # --- the doors ------------------------------------------------------------------------------------------
     @property
@@ -196,29 +181,12 @@ class OcrRunner:
             if len(self._waiting) >= self.options.max_queue_size:
                 raise QueueFull(f"model {self.uid} has {len(self._waiting)} OCR requests waiting (the bound is "
                                 f"max_queue_size={self.options.max_queue_size}); retry shortly")
-            previous = self._requests.get(request.request_id)
-            if previous is not None and not previous.future.done():
-                raise InvalidRequest(f"request_id {request.request_id!r} is already running")
-            self._requests[request.request_id] = handle
-            self._requests.move_to_end(request.request_id)
-            while len(self._requests) > _RECENT_REQUESTS and next(iter(self._requests.values())).future.done():
-                self._requests.popitem(last=False)
+            self._requests.add(request.request_id, handle)
             self._waiting.append((handle, deque(range(len(request.document)))))
             self._waiting_pages += len(request.document)
             self._work.notify()
         handle.future.add_done_callback(self._count_outcome)
         return handle
-
-    def get(self, request_id: str) -> OcrHandle | None:
-        with self._lock:
-            return self._requests.get(request_id)
-
-    def abort(self, request_id: str) -> str:
-        """Xinference's abort answer: DONE (cancelled), NO_OP (already finished) or NOT_FOUND."""
-        handle = self.get(request_id)
-        if handle is None:
-            return "NOT_FOUND"
-        return "DONE" if handle.cancel() else "NO_OP"
 
     @property
     def queue_depth(self) -> int:
