@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import httpx
 
+from server.client import wait_until_serving
+
 from .load import REQUEST_TIMEOUT, Outcome
 from .machine import REPO, process_memory, subprocess_env
 from .scenarios import BenchRequest
@@ -73,16 +75,10 @@ class KilnHttp:
             return ""
 
     def _wait_for_status(self) -> None:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(f"the Kiln server exited with {self.process.returncode}:\n{self._log_tail()}")
-            try:
-                if httpx.get(f"{self.endpoint}/status", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        if wait_until_serving(self.endpoint, STARTUP_SECONDS, lambda: self.process.poll() is None):
+            return
+        if self.process.poll() is not None:
+            raise BenchError(f"the Kiln server exited with {self.process.returncode}:\n{self._log_tail()}")
         self.stop()
         raise BenchError(f"the Kiln server did not answer within {STARTUP_SECONDS}s:\n{self._log_tail()}")
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from os import PathLike
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import httpx
 
@@ -19,6 +20,20 @@ ImageInput = Union[bytes, str, PathLike]
 """An image to upload: its encoded bytes, or the path of an image file."""
 
 FilePart = tuple[str, tuple[str, bytes, str]]
+
+
+def wait_until_serving(endpoint: str, timeout: float, starting: Callable[[], bool] = lambda: True) -> bool:
+    """Poll `GET /status` until the server at `endpoint` answers 200 (True), or `starting()` turns false (its
+    process exited) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and starting():
+        try:
+            if httpx.get(f"{endpoint.rstrip('/')}/status", timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return False
 
 
 class KilnError(RuntimeError):

@@ -11,14 +11,13 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-import httpx
 import pytest
 from PIL import Image
+
+from server.client import wait_until_serving
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_SECONDS = 120
@@ -54,16 +53,10 @@ class KilnServer:
         return self.log.read_text(errors="replace")[-chars:]
 
     def wait_for_status(self) -> None:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"kiln serve exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.endpoint}/status", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        if wait_until_serving(self.endpoint, STARTUP_SECONDS, lambda: self.process.poll() is None):
+            return
+        if self.process.poll() is not None:
+            pytest.fail(f"kiln serve exited with {self.process.returncode}:\n{self.log_tail()}")
         pytest.fail(f"kiln serve did not answer /status within {STARTUP_SECONDS}s:\n{self.log_tail()}")
 
     def stop(self) -> None:
