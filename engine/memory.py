@@ -11,10 +11,13 @@ On a CPU, memory is seldom the bound (and a step's cost grows with its batch any
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger("kiln.engine")
 
 CPU_BATCH_SIZE = 16
 MAX_AUTO_BATCH_SIZE = 64  # beyond this a GPU step is compute-bound: more jobs add latency, not throughput
@@ -45,13 +48,6 @@ class BatchBudget:
         fitting = int(self.usable_bytes // max(1.0, self.bytes_per_pixel * width * height))
         return max(1, min(self.max_batch_size, fitting))
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "max_batch_size": self.max_batch_size,
-            "usable_bytes": self.usable_bytes,
-            "bytes_per_job_at_1mp": None if self.bytes_per_pixel is None else int(self.bytes_per_pixel * 2**20),
-        }
-
 
 def batch_budget(family: Any, requested: int | None, size: tuple[int, int]) -> BatchBudget:
     """The launch's budget: a given `max_batch_size` as it is; "auto" (None) measured on a CUDA device, 16
@@ -64,7 +60,10 @@ def batch_budget(family: Any, requested: int | None, size: tuple[int, int]) -> B
     fixed, per_job = measure_job_memory(family, *size)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(family.device)
-    return BatchBudget.derive(free, fixed, per_job, size[0] * size[1])
+    budget = BatchBudget.derive(free, fixed, per_job, size[0] * size[1])
+    log.info("max_batch_size auto: %d (%.1f GiB free, %.0f MiB fixed, %.0f MiB per job at %dx%d)",
+             budget.max_batch_size, free / 2**30, fixed / 2**20, per_job / 2**20, *size)
+    return budget
 
 
 @torch.no_grad()
