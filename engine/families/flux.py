@@ -13,10 +13,10 @@ from .denoisers import Denoiser, FluxDenoiser
 class FluxFamily(Family):
     name = "flux"
     flow = True
+    max_sequence_length = 512  # the pipeline's T5 length, fixed so that a lane's text shape never varies
 
-    def __init__(self, pipeline, device, dtype, max_sequence_length: int = 512):
+    def __init__(self, pipeline, device, dtype):
         super().__init__(pipeline, device, dtype)
-        self.max_sequence_length = max_sequence_length
         self.guidance_embeds = bool(pipeline.transformer.config.guidance_embeds)
 
     def uses_cfg(self, guidance_scale: float) -> bool:

@@ -12,10 +12,7 @@ from .denoisers import Denoiser, SD3Denoiser
 class SD3Family(Family):
     name = "sd3"
     flow = True
-
-    def __init__(self, pipeline, device, dtype, max_sequence_length: int = 256):
-        super().__init__(pipeline, device, dtype)
-        self.max_sequence_length = max_sequence_length
+    max_sequence_length = 256  # the pipeline's T5 length, fixed so that a lane's text shape never varies
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[Conditioning]:
