@@ -10,7 +10,7 @@ import itertools
 import random
 import threading
 import uuid
-from collections import OrderedDict
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -170,12 +170,13 @@ class RequestHandle:
 
 
 class RequestBook:
-    """The requests a runner answers for by id (progress, abort): those under way, and the most recent finished
-    ones so that their progress stays readable for a while. Shared by the image and OCR runners; thread-safe.
-    Handles need a `future` and `fail(error)`."""
+    """The requests a runner answers for by id (progress, abort): those under way, and the `keep_finished` most
+    recently finished ones so that their progress stays readable for a while. Shared by the image and OCR
+    runners; thread-safe. Handles need a `future` and `fail(error)`."""
 
     def __init__(self, keep_finished: int = 1024):
-        self._handles: OrderedDict[str, Any] = OrderedDict()
+        self._handles: dict[str, Any] = {}
+        self._finished: deque[tuple[str, Any]] = deque()  # in the order they finished
         self._keep = keep_finished
         self._lock = threading.Lock()
 
@@ -186,11 +187,16 @@ class RequestBook:
             if previous is not None and not previous.future.done():
                 raise InvalidRequest(f"request_id {request_id!r} is already running")
             self._handles[request_id] = handle
-            self._handles.move_to_end(request_id)
-            if len(self._handles) > self._keep:  # forget the oldest finished; running ones stay whatever their age
-                finished = [key for key, known in self._handles.items() if known.future.done()]
-                for old in finished[: len(finished) - self._keep]:
-                    del self._handles[old]
+        handle.future.add_done_callback(lambda _: self._on_finished(request_id, handle))
+
+    def _on_finished(self, request_id: str, handle: Any) -> None:
+        """Past the bound, forget the request that finished longest ago (unless its id has been reused)."""
+        with self._lock:
+            self._finished.append((request_id, handle))
+            while len(self._finished) > self._keep:
+                old_id, old = self._finished.popleft()
+                if self._handles.get(old_id) is old:
+                    del self._handles[old_id]
 
     def discard(self, request_id: str, handle: Any) -> None:
         """Forget `handle` (a request refused after `add`)."""
