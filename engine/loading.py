@@ -56,11 +56,14 @@ class LoadedModel:
 
 
 def _quiet_libraries() -> None:
-    """A server's log is not a terminal: no per-component progress bars, and no bitsandbytes warning on every
-    8-bit forward (it says the CPU path casts activations to float16, which is expected)."""
+    """A server's log is not a terminal: no per-component progress bars, no bitsandbytes warning on every
+    8-bit forward (it says the CPU path casts activations to float16, which is expected), and none at import on
+    CPUs with avx512_bf16, where bitsandbytes tries Hugging Face's hub-downloaded `kernels` package for a faster
+    4-bit matmul and falls back to its own kernel without it (Kiln never downloads kernels)."""
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 _quiet_libraries()
@@ -177,13 +180,24 @@ def _quantized_text_encoder(path: Path, index: dict, name: str, options: LaunchO
                                                  bnb_4bit_compute_dtype=dtype)
     model_class = getattr(transformers, class_name)
     try:
-        return model_class.from_pretrained(path, subfolder=name, quantization_config=config, dtype=dtype,
-                                           device_map={"": device})
-    except Exception as error:  # bitsandbytes' failures depend on its build and the device
+        model = model_class.from_pretrained(path, subfolder=name, quantization_config=config, dtype=dtype,
+                                            device_map={"": device})
+        _probe_text_encoder(model, device)
+    except Exception as error:  # bitsandbytes' failures depend on its build, the CPU and the layer shapes
         raise ModelLoadError(
-            f"could not load {name} of {path} in {options.text_encoder_quantization}: {error}; launch without "
-            f"quantizing {name}, or with text_encoder_quantization='8-bit'"
+            f"{name} of {path} cannot run quantized to {options.text_encoder_quantization} on this machine: "
+            f"{type(error).__name__}: {error}; launch without quantizing {name}, or with another "
+            "text_encoder_quantization"
         ) from error
+    return model
+
+
+@torch.no_grad()
+def _probe_text_encoder(model: torch.nn.Module, device: torch.device) -> None:
+    """One forward of a few tokens. Quantized kernels check shapes only when they first run (bitsandbytes'
+    4-bit CPU path on avx512_bf16 CPUs needs layer widths divisible by 64): the probe makes a model that cannot
+    run fail its launch, instead of every request after it."""
+    model(input_ids=torch.ones(1, 4, dtype=torch.long, device=device))
 
 
 # diffusers and transformers switch process-wide torch state while they build models (default dtype, meta-device

@@ -59,7 +59,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from engine.catalogue import CATALOGUE, get_spec
 
 # Bump whenever the builder's output changes: it is part of the cache path, so old caches are never reused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # ---------------------------------------------------------------------------------------------------------------
 # Recipes: pure data saying what to build.
@@ -128,14 +128,18 @@ _REFERENCE_SIZES: Mapping[str, Mapping[str, Any]] = {
 # The same at tiny size: a few thousand to a few hundred thousand parameters per component. Head dims stay
 # constant across UNet blocks where the real model's do (SD2, SDXL), the two SDXL/SD3 CLIP widths differ like the
 # real ones so that mixing them up fails, and the SD3 patch grid still covers the catalogue's 2048 px.
+# Every text-encoder Linear takes a multiple of 64 inputs: bitsandbytes' 4-bit CPU kernel on CPUs with
+# avx512_bf16 repacks weights in blocks of 64 inputs and refuses other widths, and any text encoder may be
+# quantized at launch.
 _TINY_SIZES: Mapping[str, Mapping[str, Any]] = {
-    "clip-l": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    "clip-l": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    projection_dim=32),
-    "openclip-h": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    "openclip-h": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                        projection_dim=16),
-    "openclip-g": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    "openclip-g": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                        projection_dim=64),
-    "t5-xxl": dict(d_model=96, d_kv=16, d_ff=128, num_layers=2, num_heads=6),
+    # SD3 pads the two CLIP widths, side by side, to T5's width: it must be at least their sum.
+    "t5-xxl": dict(d_model=192, d_kv=32, d_ff=128, num_layers=2, num_heads=6),
     "vae": dict(block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8),
     # SD UNets are narrower than the others: the benchmark's 64 px CFG workload should be dominated, as on real
     # hardware with real models at small batch, by per-forward cost rather than arithmetic.

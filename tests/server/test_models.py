@@ -187,3 +187,38 @@ def test_loaded_models_are_frozen_out_of_full_collections_and_freed_on_terminate
     assert runner() is not None
     assert kiln.http.delete("/v1/models/temp-frozen").status_code == 200
     assert runner() is None
+
+
+def _flux_with_unquantizable_t5(tiny_root, directory):
+    """The tiny FLUX.1-schnell with a T5 whose attention output projections take 96 inputs (3 heads of 32):
+    bitsandbytes' 4-bit CPU kernel refuses widths that are not multiples of 64 on CPUs with avx512_bf16, and
+    runs them elsewhere."""
+    import shutil
+
+    from transformers import T5Config, T5EncoderModel
+
+    from engine.tiny import tiny_checkpoint
+
+    shutil.copytree(tiny_checkpoint("FLUX.1-schnell", cache_root=tiny_root), directory)
+    config = T5Config.from_pretrained(directory / "text_encoder_2")
+    config.num_heads = 3
+    assert config.num_heads * config.d_kv == 96
+    T5EncoderModel(config).save_pretrained(directory / "text_encoder_2")
+    return directory
+
+
+def test_a_text_encoder_that_cannot_run_quantized_fails_its_launch_not_its_requests(http, tiny_root, tmp_path):
+    from bitsandbytes.functional import has_avx512bf16
+
+    checkpoint = _flux_with_unquantizable_t5(tiny_root, tmp_path / "flux")
+    response = http.post("/v1/models", json={"model_name": "FLUX.1-schnell", "model_uid": "flux-4bit",
+                                             "model_path": str(checkpoint), "text_encoder_quantization": "4-bit"})
+    if has_avx512bf16():  # where the kernel refuses the shape, the launch says so and leaves nothing behind
+        assert_error(response, 400, "text_encoder_2", "4-bit")
+        assert http.get("/v1/models/flux-4bit").status_code == 404
+        return
+    assert response.status_code == 200, response.text  # elsewhere the model runs
+    try:
+        assert http.post("/v1/images/generations", json={**GENERATE, "model": "flux-4bit"}).status_code == 200
+    finally:
+        http.delete("/v1/models/flux-4bit")
