@@ -106,6 +106,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """`kiln bench` (the `kiln.commands` entry point)."""
+    bench = commands.add_parser("bench", help="benchmark Kiln against plain diffusers pipelines (benchmarks/README.md)")
+    add_arguments(bench)
+    bench.set_defaults(handler=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln bench", description="Benchmark Kiln against plain diffusers pipelines (see benchmarks/README.md).")

@@ -94,10 +94,10 @@ class Components:
 
 def load_components(model: str, options: Mapping[str, Any]) -> Components:
     """Load a catalogue model as the server would (same launch options) and wrap its family adapter."""
-    from engine.catalogue import get_spec
-    from engine.families import make_family
-    from engine.loading import load_model
-    from engine.options import parse_launch_options
+    from kiln.engine.catalogue import get_spec
+    from kiln.engine.families import make_family
+    from kiln.engine.loading import load_model
+    from kiln.engine.options import parse_launch_options
 
     spec = get_spec(model)
     loaded = load_model(spec, parse_launch_options(spec, dict(options)))

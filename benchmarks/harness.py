@@ -56,7 +56,7 @@ def model_options(settings: Settings, model: str, log: Log) -> dict[str, Any]:
 
     import torch
 
-    from engine.tiny import build_reference
+    from kiln.engine.tiny import build_reference
 
     root = Path(os.environ.get("KILN_CACHE", REPO / ".kiln-cache")) / "reference" / model
     if not (root / "model_index.json").is_file():
@@ -335,13 +335,13 @@ def run_limit(settings: Settings, plans: list[Plan], kiln_runs: dict[str, list[d
 def memory_check(settings: Settings, log: Log) -> dict[str, Any]:
     """A plain `kiln serve --demo` (all seven tiny models), a closed loop of C clients over all seven models, then
     the server's RSS."""
-    from engine.catalogue import CATALOGUE
+    from kiln.engine.catalogue import CATALOGUE
 
     from .scenarios import RequestClass
 
     names = list(CATALOGUE)
     log(f"memory check: kiln serve --demo, {settings.memory_check_concurrency} concurrent clients over {len(names)} models")
-    kiln = KilnHttp(settings.threads, settings.logs / "kiln-demo.log", module="server.cli",
+    kiln = KilnHttp(settings.threads, settings.logs / "kiln-demo.log", module="kiln.server.cli",
                     args=("--demo", "--log-level", "warning"))
     try:
         kiln.wait_ready(names)

@@ -71,7 +71,7 @@ class Recorder:
 
 
 def _make_runner_class():
-    from engine.runner import Runner
+    from kiln.engine.runner import Runner
 
     class InstrumentedRunner(Runner):
         """A Runner that records what it does for the benchmark (see the module docstring)."""
@@ -166,8 +166,8 @@ async def bench_stats(request):
 
 
 def create_bench_app():
-    from server.app import create_app
-    from server.registry import ModelRegistry
+    from kiln.server.app import create_app
+    from kiln.server.registry import ModelRegistry
 
     registry = ModelRegistry(runner_factory=_make_runner_class())
     app = create_app(registry)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    from server.app import serve
+    from kiln.server.app import serve
 
     serve(create_bench_app(), args.host, args.port, log_level=args.log_level)
     return 0

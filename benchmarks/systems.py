@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import httpx
 
-from server.client import wait_until_serving
+from kiln.server.client import wait_until_serving
 
 from .load import REQUEST_TIMEOUT, Outcome
 from .machine import REPO, process_memory, subprocess_env
@@ -43,13 +43,13 @@ class KilnHttp:
     `module` is what runs: `benchmarks.kiln_server` (the instrumented app, default) or `server.cli` (the plain
     `kiln serve`, for the memory check), with `args` after it."""
 
-    def __init__(self, threads: int, log: Path, module: str = "benchmarks.kiln_server", args: tuple[str, ...] = (),
+    def __init__(self, threads: int, log: Path, module: str = "kiln.benchmarks.kiln_server", args: tuple[str, ...] = (),
                  pool_size: int = 512):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = log
         command = [sys.executable, "-m", module]
-        if module == "server.cli":
+        if module == "kiln.server.cli":
             command.append("serve")
         command += ["--port", str(self.port), "--threads", str(threads), *args]
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def run_worker(job: Mapping[str, Any], threads: int, log: Path) -> dict[str, Any
         job_path.write_text(json.dumps(job))
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as sink:
-            completed = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(job_path), str(result_path)],
+            completed = subprocess.run([sys.executable, "-m", "kiln.benchmarks.worker", str(job_path), str(result_path)],
                                        cwd=REPO, env=subprocess_env(threads), stdout=sink, stderr=subprocess.STDOUT)
         if completed.returncode != 0 or not result_path.is_file():
             tail = log.read_text(errors="replace")[-3000:]

@@ -23,9 +23,9 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-from engine.catalogue import ModelSpec
-from engine.options import LaunchOptions, resolve_dtype
-from engine.tiny import tiny_checkpoint
+from kiln.engine.catalogue import ModelSpec
+from kiln.engine.options import LaunchOptions, resolve_dtype
+from kiln.engine.tiny import tiny_checkpoint
 
 # The text-to-image pipeline class each family runs on, as named in a checkpoint's model_index.json.
 FAMILY_PIPELINES = {
@@ -56,14 +56,11 @@ class LoadedModel:
 
 
 def _quiet_libraries() -> None:
-    """A server's log is not a terminal: no per-component progress bars, no bitsandbytes warning on every
-    8-bit forward (it says the CPU path casts activations to float16, which is expected), and none at import on
-    CPUs with avx512_bf16, where bitsandbytes tries Hugging Face's hub-downloaded `kernels` package for a faster
-    4-bit matmul and falls back to its own kernel without it (Kiln never downloads kernels)."""
+    """A server's log is not a terminal: no per-component progress bars, and no bitsandbytes warning on every
+    8-bit forward (it says the CPU path casts activations to float16, which is expected)."""
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 _quiet_libraries()

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
-from engine.backends import BACKEND_NAMES, package_unavailable
-from engine.catalogue import ModelSpec
+from kiln.engine.backends import BACKEND_NAMES, package_unavailable
+from kiln.engine.catalogue import ModelSpec
 
 DTYPES = ("float32", "float16", "bfloat16")
 HALF_DTYPES = frozenset({"float16", "bfloat16"})

@@ -56,7 +56,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from engine.catalogue import CATALOGUE, get_spec
+from kiln.engine.catalogue import CATALOGUE, get_spec
 
 # Bump whenever the builder's output changes: it is part of the cache path, so old caches are never reused.
 FORMAT_VERSION = 3

@@ -1,6 +1,6 @@
 """Low-level ops the denoisers call.
 
-- `kernels.attention`: the attention dispatch (PyTorch SDPA by default; xformers and flash-attn on CUDA when
+- `kiln.kernels.attention`: the attention dispatch (PyTorch SDPA by default; xformers and flash-attn on CUDA when
   installed), installed on a denoiser as diffusers attention processors, each kernel with a plain-torch
   reference and a parity test (tests/unit/test_kernels.py).
 

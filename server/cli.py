@@ -16,15 +16,14 @@ import sys
 import threading
 import time
 import uuid
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import httpx
 
-from benchmarks.cli import add_arguments as add_bench_arguments
-from engine.backends.build import add_arguments as add_engine_arguments
-from engine.catalogue import CATALOGUE, DEFAULT_OCR_MODEL, OCR_CATALOGUE
-from server.client import Client, ImageModelHandle, KilnError
+from kiln.engine.catalogue import CATALOGUE, DEFAULT_OCR_MODEL, OCR_CATALOGUE
+from kiln.server.client import Client, ImageModelHandle, KilnError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:9997"
 PROGRESS_POLL_SECONDS = 0.2
@@ -86,7 +85,7 @@ def startup_launches(demo: bool, names: list[str]) -> tuple[dict[str, Any], ...]
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the HTTP server in this process. Startup launches load in the background, so it answers at once."""
-    from server.app import Settings, create_app, serve
+    from kiln.server.app import Settings, create_app, serve
 
     if args.threads:
         import torch
@@ -245,25 +244,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 # --- tiny checkpoints ------------------------------------------------------------------------------------------
 def cmd_tiny_build(args: argparse.Namespace) -> int:
-    from engine.tiny import build_all
+    from kiln.engine.tiny import build_all
 
     for path in build_all(args.directory, args.model or None):
         print(path)
     return 0
-
-
-# --- engines ---------------------------------------------------------------------------------------------------
-def cmd_build_engines(args: argparse.Namespace) -> int:
-    from engine.backends.build import run
-
-    return run(args)
-
-
-# --- benchmarks ------------------------------------------------------------------------------------------------
-def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.cli import run
-
-    return run(args)
 
 
 # --- parser ----------------------------------------------------------------------------------------------------
@@ -336,14 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="catalogue names (default: all)")
     build.set_defaults(handler=cmd_tiny_build)
 
-    engines = commands.add_parser("build-engines", help="export ONNX and build TensorRT engines into the engine cache")
-    add_engine_arguments(engines)
-    engines.set_defaults(handler=cmd_build_engines)
-
-    bench = commands.add_parser("bench", help="benchmark Kiln against plain diffusers pipelines (benchmarks/README.md)")
-    add_bench_arguments(bench)
-    bench.set_defaults(handler=cmd_bench)
+    _add_contributed_commands(commands)
     return parser
+
+
+def _add_contributed_commands(commands: argparse._SubParsersAction) -> None:
+    """Commands other Kiln packages add through the `kiln.commands` entry points (`bench` from the benchmarks,
+    `build-engines` from the engine's backends): each entry is `add_command(commands)`. The CLI so never imports
+    the benchmarks, which themselves drive the server."""
+    for entry in sorted(entry_points(group="kiln.commands"), key=lambda entry: entry.name):
+        entry.load()(commands)
 
 
 def main(argv: list[str] | None = None) -> int:

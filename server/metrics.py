@@ -15,7 +15,7 @@ from typing import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.runner import Runner
+from kiln.engine.runner import Runner
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)

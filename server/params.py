@@ -14,11 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from engine.catalogue import INPAINTING, TEXT2IMAGE, ModelSpec
-from engine.images import FORMATS
-from engine.requests import MAX_SEED, ImageRequest, PreviewCallback
-from engine.runner import MAX_GUIDANCE, MAX_STEPS
-from engine.samplers import sampler_names
+from kiln.engine.catalogue import INPAINTING, TEXT2IMAGE, ModelSpec
+from kiln.engine.images import FORMATS
+from kiln.engine.requests import MAX_SEED, ImageRequest, PreviewCallback
+from kiln.engine.runner import MAX_GUIDANCE, MAX_STEPS
+from kiln.engine.samplers import sampler_names
 
 from .errors import bad_request
 

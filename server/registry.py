@@ -14,12 +14,12 @@ import re
 from dataclasses import asdict
 from typing import Any, Callable, Mapping
 
-from engine.catalogue import CATALOGUE, OCR_CATALOGUE, ModelSpec, OcrSpec
-from engine.loading import ModelLoadError
-from engine.ocr import OcrOptions, OcrRunner, parse_ocr_options
-from engine.options import LaunchOptionError, LaunchOptions, parse_launch_options
-from engine.requests import RequestHandle
-from engine.runner import Runner
+from kiln.engine.catalogue import CATALOGUE, OCR_CATALOGUE, ModelSpec, OcrSpec
+from kiln.engine.loading import ModelLoadError
+from kiln.engine.ocr import OcrOptions, OcrRunner, parse_ocr_options
+from kiln.engine.options import LaunchOptionError, LaunchOptions, parse_launch_options
+from kiln.engine.requests import RequestHandle
+from kiln.engine.runner import Runner
 
 from . import heap
 from .errors import ApiError, bad_request

@@ -15,8 +15,8 @@ from typing import AsyncIterator, Callable
 
 from PIL import Image
 
-from engine.images import encode
-from engine.requests import RequestHandle
+from kiln.engine.images import encode
+from kiln.engine.requests import RequestHandle
 
 from .errors import ENGINE_ERRORS, error_body, from_engine
 from .params import Generation

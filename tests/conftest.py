@@ -20,8 +20,8 @@ def tiny_root() -> Path:
 
     `engine.tiny.tiny_checkpoint(name, cache_root=tiny_root)` gives one model's directory.
     """
-    from engine.catalogue import CATALOGUE
-    from engine.tiny import tiny_checkpoint
+    from kiln.engine.catalogue import CATALOGUE
+    from kiln.engine.tiny import tiny_checkpoint
 
     root = KILN_CACHE / "tiny"
     for name in CATALOGUE:

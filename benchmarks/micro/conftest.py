@@ -16,9 +16,9 @@ MODEL = "stable-diffusion-v1.5"
 @pytest.fixture(scope="session")
 def runner():
     """A tiny SD1.5 runner driven by hand (no scheduler thread), batches up to 16 images."""
-    from engine.catalogue import get_spec
-    from engine.options import LaunchOptions
-    from engine.runner import Runner
+    from kiln.engine.catalogue import get_spec
+    from kiln.engine.options import LaunchOptions
+    from kiln.engine.runner import Runner
 
     runner = Runner("bench", get_spec(MODEL), LaunchOptions(tiny=True, max_batch_size=16))
     runner.load(start=False)

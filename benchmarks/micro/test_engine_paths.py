@@ -17,9 +17,9 @@ import time
 import pytest
 import torch
 
-from benchmarks.components import Components
-from engine.requests import ImageRequest, RequestHandle
-from engine.scheduler import Scheduler
+from kiln.benchmarks.components import Components
+from kiln.engine.requests import ImageRequest, RequestHandle
+from kiln.engine.scheduler import Scheduler
 
 BATCHES = (1, 4, 16)
 STEPS = 500  # so that no job finishes while a step is being timed

@@ -126,7 +126,7 @@ def make_backend(requested: str, family: Any, *, model: str, stride: int, source
                  cache: Any = None, compiler: str | None = None, compile_mode: str | None = None):
     """The backend `requested` (or chosen by `auto`) for the family's denoiser; raises BackendUnavailable (a
     ModelLoadError) with the reason when it cannot run here. Installs the attention processors first."""
-    import kernels.attention
+    from kiln.kernels import attention
 
     from .base import BackendUnavailable, EagerBackend, max_rows, unwrap
     from .cache import EngineCache
@@ -158,7 +158,7 @@ def make_backend(requested: str, family: Any, *, model: str, stride: int, source
         if reason:
             raise BackendUnavailable(f"backend {name!r} is not available on this machine: {reason}")
 
-    kernels.attention.install(denoiser.model, "auto" if name == "eager" else "sdpa")
+    attention.install(denoiser.model, "auto" if name == "eager" else "sdpa")
     if name == "eager":
         return EagerBackend(denoiser)
     if name == "compile":

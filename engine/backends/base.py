@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from engine.families.denoisers import Denoiser
-from engine.loading import ModelLoadError
+from kiln.engine.families.denoisers import Denoiser
+from kiln.engine.loading import ModelLoadError
 
 
 Examples = Callable[[int], Sequence[torch.Tensor]]  # rows -> the denoiser's inputs for that many rows

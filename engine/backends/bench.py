@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    import kernels.attention
-    from engine.catalogue import get_spec
-    from engine.families import make_family
-    from engine.loading import load_model
-    from engine.options import parse_launch_options
+    from kiln.kernels import attention
+    from kiln.engine.catalogue import get_spec
+    from kiln.engine.families import make_family
+    from kiln.engine.loading import load_model
+    from kiln.engine.options import parse_launch_options
 
     from . import onnx_export_for
     from .base import ExampleInputs
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     width, height = (int(part) for part in args.size.lower().split("x"))
     loaded = load_model(spec, parse_launch_options(spec, {"tiny": not args.real_weights, "backend": "eager"}))
     family = make_family(spec.family, loaded.pipeline, loaded.device, loaded.dtype)
-    kernels.attention.install(family.denoiser.model, "sdpa")
+    attention.install(family.denoiser.model, "sdpa")
     denoiser = family.denoiser
     examples = ExampleInputs(family, width, height)
     inputs = {rows: examples(rows) for rows in args.rows}

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from engine.catalogue import CATALOGUE
+from kiln.engine.catalogue import CATALOGUE
 
 DEFAULT_MAX_BATCH = 16  # what max_batch_size "auto" is on a CPU; give a GPU launch's derived figure (GET /v1/models/{uid})
 
@@ -55,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
-    import kernels.attention
-    from engine.families import make_family
-    from engine.loading import load_model
-    from engine.options import parse_launch_options
+    from kiln.kernels import attention
+    from kiln.engine.families import make_family
+    from kiln.engine.loading import load_model
+    from kiln.engine.options import parse_launch_options
 
     from . import onnx_export_for
     from .base import ExampleInputs, rows_per_job
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     started = time.perf_counter()
     loaded = load_model(spec, options)
     family = make_family(spec.family, loaded.pipeline, loaded.device, loaded.dtype)
-    kernels.attention.install(family.denoiser.model, "sdpa")
+    attention.install(family.denoiser.model, "sdpa")
     print(f"{spec.name}: loaded from {loaded.source} on {loaded.device} in {str(loaded.dtype)[6:]} "
           f"({time.perf_counter() - started:.1f} s)", file=out)
 
@@ -139,6 +139,13 @@ def _onnx_key(family, spec, source, cache):
 
 def _megabytes(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
+
+
+def add_command(commands: argparse._SubParsersAction) -> None:
+    """`kiln build-engines` (the `kiln.commands` entry point)."""
+    engines = commands.add_parser("build-engines", help="export ONNX and build TensorRT engines into the engine cache")
+    add_arguments(engines)
+    engines.set_defaults(handler=run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.families.denoisers import Denoiser
+from kiln.engine.families.denoisers import Denoiser
 
 from .base import Backend, batch_buckets, batch_rows, bucket_for, pad_rows, split_rows
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from engine.families.denoisers import Denoiser
+from kiln.engine.families.denoisers import Denoiser
 
 from .base import Backend, BackendUnavailable, batch_rows
 from .cache import CacheKey, EngineCache, Entry

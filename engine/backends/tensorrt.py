@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from engine.families.denoisers import Denoiser
+from kiln.engine.families.denoisers import Denoiser
 
 from .base import Backend, BackendUnavailable, batch_rows, split_rows
 from .cache import CacheKey, EngineCache, Entry

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from engine.images import decode_upload
+from kiln.engine.images import decode_upload
 
 from .errors import OcrParamError
 

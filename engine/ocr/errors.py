@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.requests import InvalidRequest
+from kiln.engine.requests import InvalidRequest
 
 
 class OcrLoadError(ValueError):

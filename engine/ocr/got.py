@@ -24,7 +24,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from engine.catalogue import OcrSpec
+from kiln.engine.catalogue import OcrSpec
 
 from .errors import OcrLoadError
 from .options import OcrOptions
@@ -46,7 +46,7 @@ def resolve_checkpoint(spec: OcrSpec, options: OcrOptions) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from engine.loading import hub_cache_dir
+    from kiln.engine.loading import hub_cache_dir
 
     cache = hub_cache_dir()
     for repo in spec.hub_ids:

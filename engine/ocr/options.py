@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from engine.catalogue import OcrSpec
-from engine.options import (
+from kiln.engine.catalogue import OcrSpec
+from kiln.engine.options import (
     FALSE_WORDS,
     TRUE_WORDS,
     LaunchOptionError,

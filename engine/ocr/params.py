@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from engine.catalogue import OcrSpec
+from kiln.engine.catalogue import OcrSpec
 
 from .errors import OcrParamError
 

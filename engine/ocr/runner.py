@@ -28,9 +28,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 from PIL import Image
 
-from engine.catalogue import OcrSpec
-from engine.requests import EngineError, InvalidRequest, QueueFull, RequestAborted
-from engine.worker import ModelWorker
+from kiln.engine.catalogue import OcrSpec
+from kiln.engine.requests import EngineError, InvalidRequest, QueueFull, RequestAborted
+from kiln.engine.worker import ModelWorker
 
 from .document import Document
 from .layout import PageText, Segment, format_result

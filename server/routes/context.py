@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
-from engine.images import ImageStore
+from kiln.engine.images import ImageStore
 
 if TYPE_CHECKING:
     from ..app import Settings

@@ -14,10 +14,10 @@ from PIL import Image
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from engine.catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE
-from engine.images import ImageStore, ImageTooLarge, NotAnImage, decode_upload, encode, media_type
-from engine.requests import GeneratedImage, ImageRequest, RequestHandle
-from engine.runner import Runner
+from kiln.engine.catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE
+from kiln.engine.images import ImageStore, ImageTooLarge, NotAnImage, decode_upload, encode, media_type
+from kiln.engine.requests import GeneratedImage, ImageRequest, RequestHandle
+from kiln.engine.runner import Runner
 
 from ..errors import ENGINE_ERRORS, ApiError, bad_request, from_engine
 from ..params import Generation, fit_size, parse_generation

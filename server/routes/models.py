@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine.catalogue import CATALOGUE, OCR_CATALOGUE
+from kiln.engine.catalogue import CATALOGUE, OCR_CATALOGUE
 
 from . import context
 from ..errors import ApiError, bad_request

@@ -15,9 +15,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engine.catalogue import OCR
-from engine.images import ImageTooLarge, NotAnImage
-from engine.ocr import (
+from kiln.engine.catalogue import OCR
+from kiln.engine.images import ImageTooLarge, NotAnImage
+from kiln.engine.ocr import (
     DocumentLimits, OcrParamError, OcrParams, OcrRequest, OcrRunner, open_document, parse_ocr_params,
 )
 

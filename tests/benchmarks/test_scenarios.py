@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.load import Outcome, percentiles, summarize
-from benchmarks.scenarios import (
+from kiln.benchmarks.load import Outcome, percentiles, summarize
+from kiln.benchmarks.scenarios import (
     DEFAULT_SCENARIO_FILE, SCENARIO_DIR, Plan, RequestClass, Scenario, ScenarioError, load_scenario_file,
     parse_scenarios, plan, same_mix,
 )

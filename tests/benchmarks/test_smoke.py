@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.cli import main
-from benchmarks.report import RATIOS
+from kiln.benchmarks.cli import main
+from kiln.benchmarks.report import RATIOS
 
 SCENARIOS = """
 mix = [{ model = "stable-diffusion-v1.5", size = "64x64", steps = 2, guidance = 7.5 }]

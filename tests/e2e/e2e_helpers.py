@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from server.client import wait_until_serving
+from kiln.server.client import wait_until_serving
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_SECONDS = 120
@@ -70,7 +70,7 @@ class KilnServer:
 
 def start_server(log: Path, *args: str) -> KilnServer:
     port = _free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--threads", "1", *args]
+    command = [sys.executable, "-m", "kiln.server.cli", "serve", "--port", str(port), "--threads", "1", *args]
     with log.open("w") as sink:
         process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=sink, stderr=subprocess.STDOUT)
     server = KilnServer(process, f"http://127.0.0.1:{port}", log)
@@ -80,7 +80,7 @@ def start_server(log: Path, *args: str) -> KilnServer:
 
 def run_kiln(*args: str, endpoint: str | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     """Run the `kiln` CLI in a subprocess, as a user would."""
-    command = [sys.executable, "-m", "server.cli", *args]
+    command = [sys.executable, "-m", "kiln.server.cli", *args]
     if endpoint:
         command += ["--endpoint", endpoint]
     return subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=READY_SECONDS)

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from server.client import Client, ImageModelHandle, KilnError
+from kiln.server.client import Client, ImageModelHandle, KilnError
 
 from .e2e_helpers import KilnServer, png_bytes, png_image
 

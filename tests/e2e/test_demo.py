@@ -9,9 +9,9 @@ from typing import Iterator
 
 import pytest
 
-from engine.catalogue import CATALOGUE, DEFAULT_OCR_MODEL
-from server.cli import wait_until_ready
-from server.client import Client
+from kiln.engine.catalogue import CATALOGUE, DEFAULT_OCR_MODEL
+from kiln.server.cli import wait_until_ready
+from kiln.server.client import Client
 
 from .e2e_helpers import KilnServer, png_bytes, png_image, start_server
 

@@ -5,10 +5,10 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from engine.catalogue import get_spec
-from engine.options import parse_launch_options
-from engine.requests import ImageRequest, RequestHandle
-from engine.runner import Runner
+from kiln.engine.catalogue import get_spec
+from kiln.engine.options import parse_launch_options
+from kiln.engine.requests import ImageRequest, RequestHandle
+from kiln.engine.runner import Runner
 
 # One model per family; the CFG-capable ones where a family has both.
 FAMILY_MODELS = {

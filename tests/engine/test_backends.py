@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from engine.backends import backend_unavailable, onnx_export_for
-from engine.backends import onnx as onnx_module
-from engine.backends.base import (
+from kiln.engine.backends import backend_unavailable, onnx_export_for
+from kiln.engine.backends import onnx as onnx_module
+from kiln.engine.backends.base import (
     ExampleInputs,
     batch_buckets,
     bucket_for,
@@ -25,14 +25,14 @@ from engine.backends.base import (
     split_rows,
     unwrap,
 )
-from engine.backends.cache import EngineCache
-from engine.backends.compile import CompileBackend
-from engine.backends.onnx import ONNX_FILE, OnnxBackend
-from engine.catalogue import get_spec
-from engine.loading import ModelLoadError
-from engine.options import LaunchOptionError, parse_launch_options
-from engine.requests import ImageRequest
-from engine.runner import Runner
+from kiln.engine.backends.cache import EngineCache
+from kiln.engine.backends.compile import CompileBackend
+from kiln.engine.backends.onnx import ONNX_FILE, OnnxBackend
+from kiln.engine.catalogue import get_spec
+from kiln.engine.loading import ModelLoadError
+from kiln.engine.options import LaunchOptionError, parse_launch_options
+from kiln.engine.requests import ImageRequest
+from kiln.engine.runner import Runner
 
 from .conftest import FAMILY_MODELS, PIXEL_TOLERANCE, max_diff, pixels, run_alone
 from .test_batch_invariance import test_same_image_alone_and_in_a_changing_batch as same_image_check
@@ -264,7 +264,7 @@ def test_availability_reasons_on_this_machine():
 
 # --- build-engines ----------------------------------------------------------------------------------------------
 def test_build_engines_exports_onnx_and_says_what_it_would_build(tiny_root, tmp_path, capsys, monkeypatch):
-    from server.cli import main as kiln
+    from kiln.server.cli import main as kiln
 
     arguments = ["build-engines", FAMILY_MODELS["sd"], "--tiny", "--size", "64x64", "--size", "128x96",
                  "--max-batch", "2", "--cache-dir", str(tmp_path)]
@@ -293,7 +293,7 @@ def test_tensorrt_engine_matches_eager_and_a_restart_reuses_it(tiny_root, tmp_pa
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU; this machine has none")
     pytest.importorskip("tensorrt", reason="the tensorrt package is not installed")
-    from engine.backends import tensorrt as trt_module
+    from kiln.engine.backends import tensorrt as trt_module
 
     monkeypatch.setenv("KILN_ENGINE_CACHE", str(tmp_path))
     options = {"backend": "tensorrt", "device": "cuda", "torch_dtype": "float16", "max_batch_size": 2}

@@ -4,10 +4,10 @@ every lane size, so that a full batch fits."""
 import pytest
 import torch
 
-from engine.catalogue import get_spec
-from engine.memory import CPU_BATCH_SIZE, HEADROOM, MAX_AUTO_BATCH_SIZE, BatchBudget, measure_job_memory
-from engine.options import parse_launch_options
-from engine.requests import ImageRequest
+from kiln.engine.catalogue import get_spec
+from kiln.engine.memory import CPU_BATCH_SIZE, HEADROOM, MAX_AUTO_BATCH_SIZE, BatchBudget, measure_job_memory
+from kiln.engine.options import parse_launch_options
+from kiln.engine.requests import ImageRequest
 
 from .conftest import PIXEL_TOLERANCE, drive, make_runner, max_diff, pixels, run_alone
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from engine.requests import ImageRequest
+from kiln.engine.requests import ImageRequest
 
 from .conftest import FAMILY_MODELS, PIXEL_TOLERANCE, drive, max_diff, pixels, run_alone
 

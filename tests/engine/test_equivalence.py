@@ -5,9 +5,9 @@ import pytest
 import torch
 from diffusers import AutoPipelineForImage2Image
 
-from engine.catalogue import CATALOGUE, IMAGE2IMAGE, get_spec
-from engine.requests import ImageRequest
-from engine.samplers import make_sampler
+from kiln.engine.catalogue import CATALOGUE, IMAGE2IMAGE, get_spec
+from kiln.engine.requests import ImageRequest
+from kiln.engine.samplers import make_sampler
 
 from .conftest import PIXEL_TOLERANCE, max_diff, pixels, run_alone
 from .test_generation import init_image

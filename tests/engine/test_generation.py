@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.catalogue import CATALOGUE, IMAGE2IMAGE, INPAINTING, get_spec
+from kiln.engine.catalogue import CATALOGUE, IMAGE2IMAGE, INPAINTING, get_spec
 import torch
 
-from engine.requests import ImageRequest, InvalidRequest, RequestHandle
-from engine.samplers import SAMPLER_NAMES
+from kiln.engine.requests import ImageRequest, InvalidRequest, RequestHandle
+from kiln.engine.samplers import SAMPLER_NAMES
 
 from .conftest import PIXEL_TOLERANCE, drive, max_diff, pixels, run_alone
 
@@ -158,7 +158,7 @@ def test_progress_is_the_fraction_of_steps_done(runner_for):
 
 
 def test_prompt_encodings_are_cached_within_a_byte_budget(runner_for, monkeypatch):
-    from engine.families import base
+    from kiln.engine.families import base
 
     family = runner_for("sd-turbo").executor.family
     calls = []

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine import loading
-from engine.catalogue import get_spec
-from engine.loading import ModelLoadError, load_model, resolve_weights
-from engine.options import LaunchOptionError, LaunchOptions, parse_launch_options, resolve_dtype
-from engine.tiny import tiny_checkpoint
+from kiln.engine import loading
+from kiln.engine.catalogue import get_spec
+from kiln.engine.loading import ModelLoadError, load_model, resolve_weights
+from kiln.engine.options import LaunchOptionError, LaunchOptions, parse_launch_options, resolve_dtype
+from kiln.engine.tiny import tiny_checkpoint
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 

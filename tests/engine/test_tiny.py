@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import tiny
-from engine.catalogue import CATALOGUE, get_spec
-from engine.loading import FAMILY_PIPELINES, load_model
-from engine.options import LaunchOptions
+from kiln.engine import tiny
+from kiln.engine.catalogue import CATALOGUE, get_spec
+from kiln.engine.loading import FAMILY_PIPELINES, load_model
+from kiln.engine.options import LaunchOptions
 
 MODELS = list(CATALOGUE)
 
@@ -166,7 +166,7 @@ def test_builds_are_deterministic(tiny_root: Path, tmp_path: Path, name: str) ->
     for relative in files:
         assert (fresh / relative).read_bytes() == (cached / relative).read_bytes(), (
             f"{relative} differs from the cached build: if the builder changed on purpose, bump "
-            "engine.tiny.FORMAT_VERSION"
+            "kiln.engine.tiny.FORMAT_VERSION"
         )
     weights = "unet" if get_spec(name).family == "sd" else "transformer"
     assert (fresh / weights / "diffusion_pytorch_model.safetensors").stat().st_size > 10_000

@@ -16,8 +16,8 @@ import httpx
 import pytest
 import uvicorn
 
-from server.app import Settings, create_app
-from server.registry import ModelRegistry
+from kiln.server.app import Settings, create_app
+from kiln.server.registry import ModelRegistry
 
 from .server_helpers import MODELS
 

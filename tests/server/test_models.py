@@ -8,9 +8,9 @@ import threading
 import httpx
 import pytest
 
-from engine.catalogue import CATALOGUE, OCR_CATALOGUE
-from engine.runner import Runner
-from server.registry import ModelRegistry
+from kiln.engine.catalogue import CATALOGUE, OCR_CATALOGUE
+from kiln.engine.runner import Runner
+from kiln.server.registry import ModelRegistry
 
 from .server_helpers import assert_error, wait_until
 
@@ -197,7 +197,7 @@ def _flux_with_unquantizable_t5(tiny_root, directory):
 
     from transformers import T5Config, T5EncoderModel
 
-    from engine.tiny import tiny_checkpoint
+    from kiln.engine.tiny import tiny_checkpoint
 
     shutil.copytree(tiny_checkpoint("FLUX.1-schnell", cache_root=tiny_root), directory)
     config = T5Config.from_pretrained(directory / "text_encoder_2")

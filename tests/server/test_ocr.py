@@ -22,13 +22,13 @@ import pytest
 import requests
 from PIL import Image
 
-from engine.catalogue import OCR_CATALOGUE
-from engine.images import NotAnImage
-from engine.ocr import (
+from kiln.engine.catalogue import OCR_CATALOGUE
+from kiln.engine.images import NotAnImage
+from kiln.engine.ocr import (
     OcrParamError, OcrRequest, OcrRunner, Segment, group_lines, open_document, parse_ocr_options, parse_ocr_params,
 )
-from engine.requests import QueueFull, RequestAborted
-from server.client import Client, KilnError
+from kiln.engine.requests import QueueFull, RequestAborted
+from kiln.server.client import Client, KilnError
 
 from .ocr_helpers import CLEAN_RENDERS, build_tiny_got_ocr2, cer, page, pdf, png, render
 from .server_helpers import Background, assert_error, metric, png_bytes
@@ -439,8 +439,8 @@ socket.create_connection = refuse
 socket.getaddrinfo = refuse
 import rapidocr.utils.download_file as download
 download.DownloadFile.run = classmethod(lambda cls, *a, **k: sys.exit("rapidocr tried to download " + repr(a)))
-from engine.catalogue import OCR_CATALOGUE
-from engine.ocr import OcrRequest, OcrRunner, open_document, parse_ocr_options
+from kiln.engine.catalogue import OCR_CATALOGUE
+from kiln.engine.ocr import OcrRequest, OcrRunner, open_document, parse_ocr_options
 spec = OCR_CATALOGUE["PP-OCR"]
 runner = OcrRunner("offline", spec, parse_ocr_options(spec, {}))
 runner.load()

@@ -8,8 +8,8 @@ import time
 import httpx
 import pytest
 
-from server.app import Settings
-from server.params import Limits
+from kiln.server.app import Settings
+from kiln.server.params import Limits
 
 from .server_helpers import assert_error, decode, png_bytes, wait_until
 

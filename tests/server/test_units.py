@@ -9,10 +9,10 @@ import time
 import pytest
 from PIL import Image
 
-from engine.catalogue import get_spec
-from engine.images import ImageStore, ImageTooLarge, NotAnImage, decode_upload, encode
-from server.errors import ApiError
-from server.params import Limits, fit_size, merge_fields, parse_generation, parse_size
+from kiln.engine.catalogue import get_spec
+from kiln.engine.images import ImageStore, ImageTooLarge, NotAnImage, decode_upload, encode
+from kiln.server.errors import ApiError
+from kiln.server.params import Limits, fit_size, merge_fields, parse_generation, parse_size
 
 
 def test_parse_size() -> None:

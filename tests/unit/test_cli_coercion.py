@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.cli import build_parser, coerce_option, parse_extra_options
+from kiln.server.cli import build_parser, coerce_option, parse_extra_options
 
 
 @pytest.mark.parametrize(

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.backends.cache import (
+from kiln.engine.backends.cache import (
     CacheKey,
     EngineCache,
     file_digest,
     module_fingerprint,
     weights_fingerprint,
 )
-from engine.backends.tensorrt import Profile, engine_key, find_engine, profile_shapes
+from kiln.engine.backends.tensorrt import Profile, engine_key, find_engine, profile_shapes
 
 PARTS = {"weights": "w1", "dtype": "float16", "opset": 18, "torch": "2.13.0"}
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from engine.catalogue import get_spec
-from engine.families import make_family
-from engine.loading import load_model
-from engine.options import LaunchOptions
-from kernels import attention
-from kernels.attention import FluxAttnProcessor, JointAttnProcessor, AttnProcessor
+from kiln.engine.catalogue import get_spec
+from kiln.engine.families import make_family
+from kiln.engine.loading import load_model
+from kiln.engine.options import LaunchOptions
+from kiln.kernels import attention
+from kiln.kernels.attention import FluxAttnProcessor, JointAttnProcessor, AttnProcessor
 
 
 def qkv(batch=2, heads=3, queries=17, keys=23, dim=16, dtype=torch.float32, device="cpu", seed=0):
@@ -92,7 +92,7 @@ def test_rotary_matches_diffusers():
 def test_installed_processors_match_diffusers(tiny_root, model, processor):
     """install() puts Kiln's processors on every attention layer and the denoiser computes what it did with
     diffusers' processors."""
-    from engine.backends.base import ExampleInputs
+    from kiln.engine.backends.base import ExampleInputs
 
     spec = get_spec(model)
     loaded = load_model(spec, LaunchOptions(tiny=True, device="cpu"))

@@ -5,7 +5,7 @@ from concurrent.futures import Future
 
 import pytest
 
-from engine.requests import InvalidRequest, RequestAborted, RequestBook
+from kiln.engine.requests import InvalidRequest, RequestAborted, RequestBook
 
 
 class Handle:

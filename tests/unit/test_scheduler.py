@@ -2,8 +2,8 @@
 
 import pytest
 
-from engine.requests import ImageRequest, QueueFull, RequestHandle
-from engine.scheduler import Scheduler
+from kiln.engine.requests import ImageRequest, QueueFull, RequestHandle
+from kiln.engine.scheduler import Scheduler
 
 
 def request_jobs(n=1, size=64, steps=4):
