@@ -10,24 +10,17 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-TEXT2IMAGE = "text2image"
-IMAGE2IMAGE = "image2image"
-INPAINTING = "inpainting"
-OCR = "ocr"
+from .families.specs import FLUX, IMAGE2IMAGE, INPAINTING, MIN_SIZE, SD, SD3, SDXL, TEXT2IMAGE, FamilySpec
 
-# Latent stride: sizes must be multiples of this (VAE factor 8, times the 2x2 patching of SD3/FLUX).
-FAMILY_STRIDE = {"sd": 8, "sdxl": 8, "sd3": 16, "flux": 16}
-MIN_SIZE = 64  # smallest width or height: 8x8 latents
-# Flow-matching families step with FlowMatchEuler only.
-FLOW_FAMILIES = frozenset({"sd3", "flux"})
+OCR = "ocr"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One catalogue model: its family adapter, weights location, abilities and defaults."""
+    """One catalogue model: its family, weights location, abilities and defaults."""
 
     name: str
-    family: str
+    family: FamilySpec
     hub_id: str
     abilities: tuple[str, ...]
     default_size: tuple[int, int]  # (width, height)
@@ -39,15 +32,11 @@ class ModelSpec:
 
     @property
     def stride(self) -> int:
-        return FAMILY_STRIDE[self.family]
+        return self.family.stride
 
     @property
     def min_size(self) -> int:
         return MIN_SIZE
-
-    @property
-    def is_flow(self) -> bool:
-        return self.family in FLOW_FAMILIES
 
     def describe(self) -> dict:
         """The JSON-ready description the server publishes for this model."""
@@ -68,28 +57,28 @@ CATALOGUE: Mapping[str, ModelSpec] = MappingProxyType(
     {
         spec.name: spec
         for spec in (
-            ModelSpec("sd-turbo", "sd", "stabilityai/sd-turbo", (TEXT2IMAGE,), (512, 512), 1, 0.0, "float16", 1024),
+            ModelSpec("sd-turbo", SD, "stabilityai/sd-turbo", (TEXT2IMAGE,), (512, 512), 1, 0.0, "float16", 1024),
             ModelSpec(
-                "sdxl-turbo", "sdxl", "stabilityai/sdxl-turbo", (TEXT2IMAGE,), (512, 512), 1, 0.0, "float16", 2048
+                "sdxl-turbo", SDXL, "stabilityai/sdxl-turbo", (TEXT2IMAGE,), (512, 512), 1, 0.0, "float16", 2048
             ),
             ModelSpec(
-                "stable-diffusion-v1.5", "sd", "runwayml/stable-diffusion-v1-5", _ALL, (512, 512), 50, 7.5,
+                "stable-diffusion-v1.5", SD, "runwayml/stable-diffusion-v1-5", _ALL, (512, 512), 50, 7.5,
                 "float16", 1024,
             ),
             ModelSpec(
-                "stable-diffusion-xl-base-1.0", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", _ALL,
+                "stable-diffusion-xl-base-1.0", SDXL, "stabilityai/stable-diffusion-xl-base-1.0", _ALL,
                 (1024, 1024), 50, 5.0, "float16", 2048,
             ),
             ModelSpec(
-                "sd3-medium", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", _ALL, (1024, 1024), 28, 7.0,
+                "sd3-medium", SD3, "stabilityai/stable-diffusion-3-medium-diffusers", _ALL, (1024, 1024), 28, 7.0,
                 "float16", 2048, MappingProxyType({"quantize_text_encoder": "text_encoder_3"}),
             ),
             ModelSpec(
-                "FLUX.1-schnell", "flux", "black-forest-labs/FLUX.1-schnell", _ALL, (1024, 1024), 4, 0.0,
+                "FLUX.1-schnell", FLUX, "black-forest-labs/FLUX.1-schnell", _ALL, (1024, 1024), 4, 0.0,
                 "bfloat16", 2048, MappingProxyType({"quantize_text_encoder": "text_encoder_2"}),
             ),
             ModelSpec(
-                "FLUX.1-dev", "flux", "black-forest-labs/FLUX.1-dev", _ALL, (1024, 1024), 28, 3.5, "bfloat16",
+                "FLUX.1-dev", FLUX, "black-forest-labs/FLUX.1-dev", _ALL, (1024, 1024), 28, 3.5, "bfloat16",
                 2048, MappingProxyType({"quantize_text_encoder": "text_encoder_2"}),
             ),
         )

@@ -18,7 +18,8 @@ from PIL import Image
 
 from .families.base import Conditioning, Family
 from .memory import BatchBudget
-from .requests import InvalidRequest, Job
+from .requests import Job
+from .errors import InvalidRequest
 from .samplers import SamplerFactory, step_accepts_generator
 
 FailJob = Callable[[Job, BaseException], None]
@@ -63,7 +64,7 @@ class Executor:
     def __init__(self, family: Family, budget: BatchBudget):
         self.family = family
         self.budget = budget
-        self.samplers = SamplerFactory(family.pipeline.scheduler, family.flow)
+        self.samplers = SamplerFactory(family.pipeline.scheduler, family.spec.flow)
         self.forward_limit = budget.max_batch_size  # jobs per call at any size; lowered after an out-of-memory error
         self.on_forward: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
 

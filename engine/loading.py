@@ -24,24 +24,14 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from kiln.engine.catalogue import ModelSpec
+from kiln.engine.errors import ModelLoadError
 from kiln.engine.options import LaunchOptions, resolve_dtype
 from kiln.engine.tiny import tiny_checkpoint
 
-# The text-to-image pipeline class each family runs on, as named in a checkpoint's model_index.json.
-FAMILY_PIPELINES = {
-    "sd": "StableDiffusionPipeline",
-    "sdxl": "StableDiffusionXLPipeline",
-    "sd3": "StableDiffusion3Pipeline",
-    "flux": "FluxPipeline",
-}
 # What a hub download fetches: the diffusers layout in full precision, not the single-file or fp16 duplicates.
 _HUB_ALLOW = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
 _HUB_IGNORE = ["*.fp16.*", "*non_ema*"]
 _TRUE = frozenset({"1", "true", "yes", "on"})
-
-
-class ModelLoadError(RuntimeError):
-    """A model cannot be loaded as asked; the message says why and what to do."""
 
 
 @dataclass
@@ -149,11 +139,11 @@ def _read_model_index(path: Path) -> dict:
 def _check_family(spec: ModelSpec, index: dict, path: Path) -> None:
     """The checkpoint's pipeline class (what DiffusionPipeline.from_pretrained will build) must be the one the
     model's family adapter drives; checked from model_index.json, before any weights are read."""
-    expected = FAMILY_PIPELINES[spec.family]
+    expected = spec.family.pipeline
     found = index.get("_class_name")
     if found != expected:
         raise ModelLoadError(
-            f"{path} holds a {found} checkpoint, but {spec.name} is a {spec.family} model that needs a {expected} "
+            f"{path} holds a {found} checkpoint, but {spec.name} is a {spec.family.name} model that needs a {expected} "
             "checkpoint; point model_path at the right model"
         )
 

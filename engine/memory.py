@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+from .backends.base import ExampleInputs
+
 log = logging.getLogger("kiln.engine")
 
 CPU_BATCH_SIZE = 16
@@ -70,9 +72,7 @@ def batch_budget(family: Any, requested: int | None, size: tuple[int, int]) -> B
 def measure_job_memory(family: Any, width: int, height: int) -> tuple[int, int]:
     """(fixed bytes, bytes per job) of the larger of a denoiser forward and a VAE decode at this size, from
     their CUDA peaks at one and at two jobs."""
-    from .backends.base import ExampleInputs, rows_per_job
-
-    examples, rows = ExampleInputs(family, width, height), rows_per_job(family)
+    examples, rows = ExampleInputs(family, width, height), family.spec.rows_per_job
 
     def forward(jobs: int) -> Callable[[], Any]:
         inputs = examples(rows * jobs)

@@ -17,13 +17,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 HALF_DTYPES = frozenset({"float16", "bfloat16"})
 QUANTIZATIONS = ("8-bit", "4-bit")
 BACKENDS = BACKEND_NAMES  # auto, eager, compile, onnx, tensorrt (engine/backends)
-# The text encoders each family's checkpoints have, by pipeline component name.
-FAMILY_TEXT_ENCODERS: Mapping[str, tuple[str, ...]] = {
-    "sd": ("text_encoder",),
-    "sdxl": ("text_encoder", "text_encoder_2"),
-    "sd3": ("text_encoder", "text_encoder_2", "text_encoder_3"),
-    "flux": ("text_encoder", "text_encoder_2"),
-}
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 _NONE = frozenset({"none", "null"})
@@ -192,16 +185,16 @@ def parse_launch_options(spec: ModelSpec, raw: Mapping[str, object]) -> LaunchOp
 
 def _check_text_encoders(spec: ModelSpec, options: LaunchOptions, explicit: tuple[str, ...]) -> None:
     """Quantized and dropped text encoders must exist in the model's family, and not contradict each other."""
-    encoders = FAMILY_TEXT_ENCODERS[spec.family]
+    encoders = spec.family.text_encoders
     for name in options.quantize_text_encoder:
         if name not in encoders:
             raise LaunchOptionError(
-                f"launch option 'quantize_text_encoder': {spec.name} ({spec.family}) has no {name!r}; "
+                f"launch option 'quantize_text_encoder': {spec.name} ({spec.family.name}) has no {name!r}; "
                 f"accepted: {', '.join(encoders)}"
             )
     if options.drop_text_encoder_3 and "text_encoder_3" not in encoders:
         raise LaunchOptionError(
-            f"launch option 'text_encoder_3': {spec.name} ({spec.family}) has no text_encoder_3; only SD3 models do"
+            f"launch option 'text_encoder_3': {spec.name} ({spec.family.name}) has no text_encoder_3; only SD3 models do"
         )
     if options.drop_text_encoder_3 and "text_encoder_3" in explicit:
         raise LaunchOptionError(

@@ -17,23 +17,9 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from .errors import InvalidRequest
+
 MAX_SEED = 2**31 - 1
-
-
-class EngineError(RuntimeError):
-    """A request failed inside the engine (a fault in its own jobs, never a neighbour's)."""
-
-
-class InvalidRequest(ValueError):
-    """The request cannot run on this model (size, ability, sampler, ...); nothing was queued."""
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at its bound; the client should retry later (HTTP 429)."""
-
-
-class RequestAborted(RuntimeError):
-    """The request was cancelled by its client or an abort call (HTTP 409)."""
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends import launch_backend
+from .backends.launch import launch_backend
 from .catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE, ModelSpec
 from .execution import Executor
 from .families import make_family
 from .loading import LoadedModel, load_model
 from .memory import CPU_BATCH_SIZE, batch_budget
 from .options import LaunchOptions
-from .requests import EngineError, ImageRequest, InvalidRequest, Job, QueueFull, RequestAborted, RequestHandle
+from .requests import ImageRequest, Job, RequestHandle
+from .errors import EngineError, InvalidRequest, QueueFull, RequestAborted
 from .samplers import sampler_names
 from .scheduler import Scheduler, StepPlan
 from .worker import ModelWorker
@@ -75,8 +76,7 @@ class Runner(ModelWorker):
             budget = batch_budget(family, self.options.max_batch_size, self.spec.default_size)
             self.scheduler.max_batch_size = budget.max_batch_size
             self.backend_info = launch_backend(
-                self.options.backend, family, model=self.spec.name, stride=self.spec.stride,
-                source=self.loaded.source, max_batch_size=budget.max_batch_size,
+                self.options.backend, family, model=self.spec.name, source=self.loaded.source, max_batch_size=budget.max_batch_size,
                 warmup_size=warmup_size or self.spec.default_size, cpu_offload=self.options.cpu_offload,
             )
             self.executor = Executor(family, budget)
@@ -102,9 +102,9 @@ class Runner(ModelWorker):
             raise InvalidRequest(f"guidance_scale must be between 0 and {MAX_GUIDANCE}")
         if request.strength is not None and not 0 < request.strength <= 1:
             raise InvalidRequest("strength must be in (0, 1]")
-        if request.sampler not in sampler_names(spec.is_flow):
+        if request.sampler not in sampler_names(spec.family.flow):
             raise InvalidRequest(
-                f"unknown sampler_name {request.sampler!r}; this model accepts: {', '.join(sampler_names(spec.is_flow))}"
+                f"unknown sampler_name {request.sampler!r}; this model accepts: {', '.join(sampler_names(spec.family.flow))}"
             )
         if not 1 <= request.image_count <= self.options.max_queue_size:
             raise InvalidRequest(f"a request may ask for 1 to {self.options.max_queue_size} images")

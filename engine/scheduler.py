@@ -13,7 +13,8 @@ import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from .requests import Job, QueueFull
+from .requests import Job
+from .errors import QueueFull
 
 
 @dataclass

@@ -7,7 +7,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from .requests import RequestAborted, RequestBook
+from .requests import RequestBook
+from .errors import RequestAborted
 
 
 class ModelWorker:

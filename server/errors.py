@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kiln.engine.requests import EngineError, InvalidRequest, QueueFull, RequestAborted
+from kiln.engine.errors import EngineError, InvalidRequest, QueueFull, RequestAborted
 
 _TYPES = {
     400: "invalid_request_error",

@@ -276,7 +276,7 @@ def parse_generation(
         raise bad_request(f"seed lists {len(seed)} seeds for {n * len(prompts)} images", "seed")
 
     sampler = p.get("sampler_name", "default")
-    accepted = sampler_names(spec.is_flow)
+    accepted = sampler_names(spec.family.flow)
     if sampler not in accepted:
         raise bad_request(f"unknown sampler_name {sampler!r} for {spec.name}; use one of: {', '.join(accepted)}",
                           "sampler_name")

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Mapping
 
 from kiln.engine.catalogue import CATALOGUE, OCR_CATALOGUE, ModelSpec, OcrSpec
-from kiln.engine.loading import ModelLoadError
+from kiln.engine.errors import ModelLoadError
 from kiln.engine.ocr import OcrOptions, OcrRunner, parse_ocr_options
 from kiln.engine.options import LaunchOptionError, LaunchOptions, parse_launch_options
 from kiln.engine.requests import RequestHandle

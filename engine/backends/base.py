@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from kiln.engine.families.denoisers import Denoiser
-from kiln.engine.loading import ModelLoadError
+from ..errors import ModelLoadError
+from ..families.denoisers import Denoiser
 
 
 Examples = Callable[[int], Sequence[torch.Tensor]]  # rows -> the denoiser's inputs for that many rows
@@ -139,15 +139,9 @@ def batch_rows(inputs: Sequence[torch.Tensor], names: Sequence[str], shared: fro
 
 
 # --- example inputs ---------------------------------------------------------------------------------------------
-def rows_per_job(family: Any) -> int:
-    """Denoiser rows one job contributes at most: 2 with classifier-free guidance (unconditional + conditional),
-    1 for guidance-distilled families (FLUX)."""
-    return 2 if family.uses_cfg(100.0) else 1  # any guidance above 1 turns CFG on where the family has it
-
-
 def max_rows(family: Any, max_batch_size: int) -> int:
     """The largest denoiser batch a launch with this max_batch_size (images per forward) produces."""
-    return rows_per_job(family) * max_batch_size
+    return family.spec.rows_per_job * max_batch_size
 
 
 class ExampleInputs:

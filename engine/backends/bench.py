@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.engine.loading import load_model
     from kiln.engine.options import parse_launch_options
 
-    from . import onnx_export_for
+    from .launch import onnx_export_for
     from .base import ExampleInputs
     from .cache import EngineCache
     from .compile import CompileBackend
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 with tempfile.TemporaryDirectory() as root:
                     started = time.perf_counter()
-                    _, entry = onnx_export_for(family, spec.name, loaded.source, EngineCache(root), spec.stride)
+                    _, entry = onnx_export_for(family, spec.name, loaded.source, EngineCache(root))
                     report["setup_s"]["onnx_export"] = round(time.perf_counter() - started, 2)
                     started = time.perf_counter()
                     backend = OnnxBackend(denoiser, entry.file(ONNX_FILE), family.device, threads=args.threads)

@@ -60,8 +60,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from kiln.engine.loading import load_model
     from kiln.engine.options import parse_launch_options
 
-    from . import onnx_export_for
-    from .base import ExampleInputs, rows_per_job
+    from .base import ExampleInputs
+    from .launch import onnx_export_for
     from .cache import EngineCache
     from .onnx import ONNX_FILE
     from .tensorrt import (Profile, check_precision, compute_capability, engine_key, ensure_engine, precision_for,
@@ -94,13 +94,13 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     cache = EngineCache(args.cache_dir)
     existed = cache.lookup(_onnx_key(family, spec, loaded.source, cache)) is not None
-    onnx, entry = onnx_export_for(family, spec.name, loaded.source, cache, spec.stride)
+    onnx, entry = onnx_export_for(family, spec.name, loaded.source, cache)
     onnx_path = entry.file(ONNX_FILE)
     size = sum(path.stat().st_size for path in entry.path.iterdir() if path.name != "meta.json")
     how = "found in cache" if existed else f"exported in {entry.info.get('export_seconds', 0):.1f} s"
     print(f"ONNX: {onnx_path} ({_megabytes(size)}, {how}); key {onnx.digest}", file=out)
 
-    rows_per = rows_per_job(family)
+    rows_per = family.spec.rows_per_job
     profile = Profile.make(sizes, args.min_batch, args.max_batch * rows_per)
     precision = args.precision or precision_for(family.dtype)
     examples = {size: ExampleInputs(family, *size).named(1) for size in profile.sizes}
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def _onnx_key(family, spec, source, cache):
-    from . import weights_fingerprint
+    from .launch import weights_fingerprint
     from .onnx import onnx_key
 
     return onnx_key(spec.name, weights_fingerprint(family, source, cache), family.denoiser, family.dtype)

@@ -1,19 +1,21 @@
-"""Family adapters by name: the seven catalogue models map onto these four."""
+"""Families: the four architectures the seven catalogue models map onto. Each is a torch-free `FamilySpec`
+(`specs.py`: what it is) and an adapter (`sd.py`, `sdxl.py`, `sd3.py`, `flux.py`: the torch side), imported
+only when a model is loaded, so this package can be imported without torch."""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .specs import FAMILY_SPECS, FLUX, SD, SD3, SDXL, FamilySpec
 
-from .base import Family
-from .flux import FluxFamily
-from .sd import SDFamily
-from .sd3 import SD3Family
-from .sdxl import SDXLFamily
+if TYPE_CHECKING:
+    from .base import Family
 
-FAMILIES: dict[str, type[Family]] = {"sd": SDFamily, "sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily}
+__all__ = ["FAMILY_SPECS", "FLUX", "SD", "SD3", "SDXL", "FamilySpec", "make_family"]
 
 
-def make_family(name: str, pipeline: Any, device: torch.device, dtype: torch.dtype) -> Family:
-    return FAMILIES[name](pipeline, device, dtype)
+def make_family(spec: FamilySpec, pipeline: Any, device: Any, dtype: Any) -> "Family":
+    """The adapter of `spec`'s family around a loaded pipeline."""
+    module, name = spec.adapter.split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), name)(pipeline, device, dtype)

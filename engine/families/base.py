@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .denoisers import Denoiser
+from .specs import FamilySpec
 
 Conditioning = dict[str, torch.Tensor]
 TEXT_CACHE_BYTES = 64 * 2**20  # encoded prompts kept per model (a FLUX T5 row is 4 MB in bf16, an SD1.5 row 0.1 MB)
@@ -28,8 +29,7 @@ def _nbytes(rows: Conditioning) -> int:
 class Family:
     """Base adapter; subclasses fill in encoding, the denoiser call and the latent <-> pixel maps."""
 
-    name = ""
-    flow = False  # flow-matching families (SD3, FLUX) sample with FlowMatchEuler
+    spec: FamilySpec  # what the family is (stride, flow, text encoders, ...), torch-free
     # Linear latent -> RGB factors (rows: latent channels) for cheap streaming previews; None: channel mean.
     preview_factors: list[list[float]] | None = None
 
@@ -47,8 +47,9 @@ class Family:
 
     # --- text conditioning ------------------------------------------------------------------------------
     def uses_cfg(self, guidance_scale: float) -> bool:
-        """Whether a job with this guidance contributes an unconditional row."""
-        return guidance_scale > 1.0
+        """Whether a job with this guidance contributes an unconditional row (never for guidance-distilled
+        families, where guidance goes into the denoiser and each job is one row)."""
+        return self.spec.cfg and guidance_scale > 1.0
 
     def encode(self, texts: list[str]) -> list[Conditioning]:
         raise NotImplementedError

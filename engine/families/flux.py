@@ -8,25 +8,21 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import Conditioning, Family
 from .denoisers import Denoiser, FluxDenoiser
+from .specs import FLUX
 
 
 class FluxFamily(Family):
-    name = "flux"
-    flow = True
-    max_sequence_length = 512  # the pipeline's T5 length, fixed so that a lane's text shape never varies
+    spec = FLUX
 
     def __init__(self, pipeline, device, dtype):
         super().__init__(pipeline, device, dtype)
         self.guidance_embeds = bool(pipeline.transformer.config.guidance_embeds)
 
-    def uses_cfg(self, guidance_scale: float) -> bool:
-        return False  # FLUX.1 is guidance-distilled: guidance goes into the transformer, one row per job
-
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[Conditioning]:
         embeds, pooled, _ = self.pipeline.encode_prompt(
             prompt=texts, prompt_2=None, device=self.device, num_images_per_prompt=1,
-            max_sequence_length=self.max_sequence_length,
+            max_sequence_length=self.spec.max_sequence_length,
         )
         return [
             {"encoder_hidden_states": embeds[i : i + 1], "pooled_projections": pooled[i : i + 1]}

@@ -6,10 +6,11 @@ import torch
 
 from .base import Conditioning, Family
 from .denoisers import Denoiser, UNetDenoiser
+from .specs import SD
 
 
 class SDFamily(Family):
-    name = "sd"
+    spec = SD
     preview_factors = [
         [0.3512, 0.2297, 0.3227],
         [0.3250, 0.4974, 0.2350],

@@ -7,18 +7,17 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 from .base import Conditioning, Family
 from .denoisers import Denoiser, SD3Denoiser
+from .specs import SD3
 
 
 class SD3Family(Family):
-    name = "sd3"
-    flow = True
-    max_sequence_length = 256  # the pipeline's T5 length, fixed so that a lane's text shape never varies
+    spec = SD3
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[Conditioning]:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=texts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+            do_classifier_free_guidance=False, max_sequence_length=self.spec.max_sequence_length,
         )
         return [
             {"encoder_hidden_states": embeds[i : i + 1], "pooled_projections": pooled[i : i + 1]}

@@ -7,10 +7,11 @@ import torch
 from .base import Conditioning
 from .denoisers import Denoiser, SDXLUNetDenoiser
 from .sd import SDFamily
+from .specs import SDXL
 
 
 class SDXLFamily(SDFamily):
-    name = "sdxl"
+    spec = SDXL
     preview_factors = [
         [0.3651, 0.4232, 0.4341],
         [-0.2533, -0.0042, 0.1068],

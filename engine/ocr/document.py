@@ -18,7 +18,7 @@ from PIL import Image
 
 from kiln.engine.images import decode_upload
 
-from .errors import OcrParamError
+from ..errors import InvalidRequest
 
 PDF_MAGIC = b"%PDF-"
 PDF_MEDIA_TYPES = frozenset({"application/pdf", "application/x-pdf"})
@@ -37,7 +37,7 @@ class DocumentLimits:
     max_image_pixels: int = 4096 * 4096  # one uploaded image (the server passes its own bound)
 
 
-class UnreadablePdf(OcrParamError):
+class UnreadablePdf(InvalidRequest):
     """The upload claims to be a PDF (magic bytes or content type) but pdfium cannot open it."""
 
 
@@ -131,18 +131,18 @@ def open_document(
     limits: DocumentLimits = DocumentLimits(),
     field: str = "image",
 ) -> Document:
-    """Open an upload for OCR. Raises `OcrParamError` (400: empty upload, bad pages/dpi, corrupt PDF, too many
+    """Open an upload for OCR. Raises `InvalidRequest` (400: empty upload, bad pages/dpi, corrupt PDF, too many
     pages, page too large), `engine.images.NotAnImage` (415) or `ImageTooLarge` (413)."""
     if not data:
-        raise OcrParamError(f"{field} is empty (0 bytes); send an image or a PDF", field)
+        raise InvalidRequest(f"{field} is empty (0 bytes); send an image or a PDF", field)
     if not is_pdf(data, content_type):
         if pages is not None or dpi is not None:
             named = "pages" if pages is not None else "dpi"
-            raise OcrParamError(f"{named} applies to PDF uploads only; {field} is not a PDF", named)
+            raise InvalidRequest(f"{named} applies to PDF uploads only; {field} is not a PDF", named)
         return ImageDocument(decode_upload(data, limits.max_image_pixels))
     dpi = limits.default_dpi if dpi is None else dpi
     if not limits.min_dpi <= dpi <= limits.max_dpi:
-        raise OcrParamError(f"dpi must be between {limits.min_dpi} and {limits.max_dpi}, got {dpi}", "dpi")
+        raise InvalidRequest(f"dpi must be between {limits.min_dpi} and {limits.max_dpi}, got {dpi}", "dpi")
     import pypdfium2 as pdfium
 
     with _PDFIUM_LOCK:
@@ -160,12 +160,12 @@ def open_document(
                 width, height = pdf.get_page_size(number - 1)
                 pixels = round(width * scale) * round(height * scale)
                 if pixels > limits.max_page_pixels:
-                    raise OcrParamError(
+                    raise InvalidRequest(
                         f"page {number} at {dpi} dpi would be {round(width * scale)}x{round(height * scale)} = "
                         f"{pixels} pixels; the limit is {limits.max_page_pixels} per page: lower dpi", "dpi",
                     )
                 if pixels == 0:
-                    raise OcrParamError(f"page {number} has no area ({width}x{height} points)", "pages")
+                    raise InvalidRequest(f"page {number} has no area ({width}x{height} points)", "pages")
                 page_pixels.append(pixels)
         except BaseException:
             pdf.close()
@@ -175,17 +175,17 @@ def open_document(
 
 def _choose_pages(pages: Sequence[int] | None, count: int, max_pages: int) -> list[int]:
     if count == 0:
-        raise OcrParamError("the PDF has no pages", "image")
+        raise InvalidRequest("the PDF has no pages", "image")
     if pages is None:
         if count > max_pages:
-            raise OcrParamError(
+            raise InvalidRequest(
                 f"the PDF has {count} pages; at most {max_pages} are read per request: choose them with the "
                 f"`pages` kwarg (1-based page numbers)", "pages",
             )
         return list(range(1, count + 1))
     if len(pages) > max_pages:
-        raise OcrParamError(f"{len(pages)} pages asked for; at most {max_pages} are read per request", "pages")
+        raise InvalidRequest(f"{len(pages)} pages asked for; at most {max_pages} are read per request", "pages")
     outside = [number for number in pages if not 1 <= number <= count]
     if outside:
-        raise OcrParamError(f"pages {outside} are not in the PDF; it has pages 1 to {count}", "pages")
+        raise InvalidRequest(f"pages {outside} are not in the PDF; it has pages 1 to {count}", "pages")
     return list(pages)

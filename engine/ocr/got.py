@@ -26,7 +26,7 @@ from PIL import Image
 
 from kiln.engine.catalogue import OcrSpec
 
-from .errors import OcrLoadError
+from ..errors import ModelLoadError
 from .options import OcrOptions
 from .params import OcrParams
 
@@ -41,7 +41,7 @@ def resolve_checkpoint(spec: OcrSpec, options: OcrOptions) -> Path:
     if options.model_path:
         path = Path(options.model_path).expanduser()
         if not (path / "config.json").is_file():
-            raise OcrLoadError(f"model_path {str(path)!r} is not a GOT-OCR2 checkpoint: it has no config.json")
+            raise ModelLoadError(f"model_path {str(path)!r} is not a GOT-OCR2 checkpoint: it has no config.json")
         return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -56,7 +56,7 @@ def resolve_checkpoint(spec: OcrSpec, options: OcrOptions) -> Path:
             continue
         if (path / "config.json").is_file():
             return path
-    raise OcrLoadError(
+    raise ModelLoadError(
         f"the weights of {spec.name} are not in the Hugging Face cache (looked for {', '.join(spec.hub_ids)} in "
         f"{cache}, set by HF_HUB_CACHE or HF_HOME), and Kiln does not download them. Download them first "
         f"(`hf download {spec.hub_ids[0]}`) or pass model_path=<a local checkpoint directory>. PP-OCR needs no "
@@ -78,10 +78,10 @@ class GotOcr:
         else:
             device = options.device
             if device.startswith("cuda") and not torch.cuda.is_available():
-                raise OcrLoadError(f"device={device!r}, but torch sees no CUDA device here; use 'cpu' or 'auto'")
+                raise ModelLoadError(f"device={device!r}, but torch sees no CUDA device here; use 'cpu' or 'auto'")
         self.device = torch.device(device)
         if not self.native and self.device.type != "cuda":
-            raise OcrLoadError(
+            raise ModelLoadError(
                 f"{str(path)!r} is the original GOT-OCR2_0 checkpoint, whose remote code runs on CUDA only; use "
                 "a CUDA device, or the transformers-native checkpoint stepfun-ai/GOT-OCR-2.0-hf, which runs on CPU"
             )
@@ -106,12 +106,12 @@ class GotOcr:
                     pad_token_id=self.tokenizer.eos_token_id, dtype=self.dtype,
                 )
             self.model = self.model.eval().to(self.device)
-        except OcrLoadError:
+        except ModelLoadError:
             raise
         except Exception as error:  # noqa: BLE001 - every loader fault is reported with what to try
             hint = "" if self.native else (" (the original checkpoint's remote code targets transformers 4.47; "
                                            "the -hf checkpoint stepfun-ai/GOT-OCR-2.0-hf loads natively)")
-            raise OcrLoadError(f"cannot load GOT-OCR2 from {str(path)!r}: {type(error).__name__}: {error}{hint}") \
+            raise ModelLoadError(f"cannot load GOT-OCR2 from {str(path)!r}: {type(error).__name__}: {error}{hint}") \
                 from error
 
     def read(self, images: Sequence[Image.Image], params: Sequence[OcrParams]) -> list[str]:

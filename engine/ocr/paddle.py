@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import OcrLoadError
+from ..errors import ModelLoadError
 from .layout import Segment
 from .options import OcrOptions
 
@@ -67,20 +67,20 @@ def model_files(model_path: str | None) -> ModelFiles:
     if model_path:
         directory = Path(model_path).expanduser()
         if not directory.is_dir():
-            raise OcrLoadError(f"model_path {str(directory)!r} is not a directory; for PP-OCR pass a directory "
+            raise ModelLoadError(f"model_path {str(directory)!r} is not a directory; for PP-OCR pass a directory "
                                  "holding a *det*.onnx and a *rec*.onnx (and optionally a *cls*.onnx)")
         for part in ("det", "rec", "cls"):
             found = sorted(directory.glob(f"*{part}*.onnx"))
             if len(found) > 1:
-                raise OcrLoadError(f"model_path {str(directory)!r} has several *{part}*.onnx files: "
+                raise ModelLoadError(f"model_path {str(directory)!r} has several *{part}*.onnx files: "
                                      f"{[f.name for f in found]}; keep one")
             if found:
                 files[part] = found[0]
             elif part != "cls":
-                raise OcrLoadError(f"model_path {str(directory)!r} has no *{part}*.onnx file")
+                raise ModelLoadError(f"model_path {str(directory)!r} has no *{part}*.onnx file")
     for part, path in files.items():
         if not path.is_file():
-            raise OcrLoadError(f"the PP-OCR {part} model {str(path)!r} is missing (reinstall rapidocr==3.10.0, "
+            raise ModelLoadError(f"the PP-OCR {part} model {str(path)!r} is missing (reinstall rapidocr==3.10.0, "
                                  "whose wheel ships it, or pass model_path)")
     return ModelFiles(**files)
 
@@ -101,7 +101,7 @@ def _providers(device: str) -> tuple[str, list]:
     if device == "cpu":
         return "cpu", ["CPUExecutionProvider"]
     if not has_cuda:
-        raise OcrLoadError(f"device={device!r}, but this onnxruntime has no CUDA provider (install "
+        raise ModelLoadError(f"device={device!r}, but this onnxruntime has no CUDA provider (install "
                              "onnxruntime-gpu instead of onnxruntime); use device='cpu' or 'auto'")
     index = int(device.partition(":")[2] or 0)
     return "cuda", [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
@@ -134,14 +134,14 @@ class PaddleOcr:
             try:
                 return ort.InferenceSession(str(path), sess_options=settings, providers=providers)
             except Exception as error:  # a corrupt or foreign .onnx file
-                raise OcrLoadError(f"cannot load the PP-OCR model {str(path)!r}: {error}") from error
+                raise ModelLoadError(f"cannot load the PP-OCR model {str(path)!r}: {error}") from error
 
         # Detection inputs vary in size page to page: no arena, so a large page's buffers are freed after it.
         # Recognition and classification inputs are small and repeat: keep the arena (about 15% faster).
         det_session, rec_session, cls_session = session(self.files.det, False), session(self.files.rec, True), \
             session(self.files.cls, True)
         if "character" not in rec_session.get_modelmeta().custom_metadata_map:
-            raise OcrLoadError(f"the recognition model {str(self.files.rec)!r} carries no character list in its "
+            raise ModelLoadError(f"the recognition model {str(self.files.rec)!r} carries no character list in its "
                                  "metadata ('character'); use a rapidocr-converted PP-OCR rec model")
         common = {"engine_type": EngineType.ONNXRUNTIME, "engine_cfg": _Section(), "model_path": None,
                   "model_dir": None, "model_root_dir": None}

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 
 from kiln.engine.catalogue import OcrSpec
 
-from .errors import OcrParamError
+from ..errors import InvalidRequest
 
 MAX_REQUEST_ID_CHARS = 200
 GOT_OCR_TYPES = ("ocr", "format")
@@ -40,7 +40,7 @@ def _boolean(name: str, value: Any) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return value.strip().lower() in ("true", "1")
-    raise OcrParamError(f"{name} must be true or false, got {value!r}", name)
+    raise InvalidRequest(f"{name} must be true or false, got {value!r}", name)
 
 
 def _integer(name: str, value: Any) -> int:
@@ -50,7 +50,7 @@ def _integer(name: str, value: Any) -> int:
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise OcrParamError(f"{name} must be an integer, got {value!r}", name)
+    raise InvalidRequest(f"{name} must be an integer, got {value!r}", name)
 
 
 def _pages(name: str, value: Any) -> tuple[int, ...]:
@@ -61,33 +61,33 @@ def _pages(name: str, value: Any) -> tuple[int, ...]:
             try:
                 value = json.loads(text)
             except ValueError:
-                raise OcrParamError(f"{name} must be a page number or a list of them, got {value!r}", name) from None
+                raise InvalidRequest(f"{name} must be a page number or a list of them, got {value!r}", name) from None
         else:
             value = [part for part in text.split(",") if part.strip()] if "," in text else text
     items = value if isinstance(value, list) else [value]
     if not items:
-        raise OcrParamError(f"{name} is an empty list; give at least one 1-based page number", name)
+        raise InvalidRequest(f"{name} is an empty list; give at least one 1-based page number", name)
     try:
         numbers = [_integer(name, item) for item in items]
-    except OcrParamError:
-        raise OcrParamError(f"{name} must be a page number or a list of them (1-based), got {value!r}",
+    except InvalidRequest:
+        raise InvalidRequest(f"{name} must be a page number or a list of them (1-based), got {value!r}",
                             name) from None
     if any(number < 1 for number in numbers):
-        raise OcrParamError(f"{name} are 1-based page numbers; got {numbers}", name)
+        raise InvalidRequest(f"{name} are 1-based page numbers; got {numbers}", name)
     return tuple(dict.fromkeys(numbers))
 
 
 def _request_id(name: str, value: Any) -> str:
     if isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_CHARS:
         return value
-    raise OcrParamError(f"{name} must be a string of 1 to {MAX_REQUEST_ID_CHARS} characters", name)
+    raise InvalidRequest(f"{name} must be a string of 1 to {MAX_REQUEST_ID_CHARS} characters", name)
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
     def parse(name: str, value: Any) -> str:
         if isinstance(value, str) and value.strip().lower() in choices:
             return value.strip().lower()
-        raise OcrParamError(f"{name} must be one of {', '.join(choices)}; got {value!r}", name)
+        raise InvalidRequest(f"{name} must be one of {', '.join(choices)}; got {value!r}", name)
 
     return parse
 
@@ -96,7 +96,7 @@ def _plain_only(name: str, value: Any) -> str:
     """PP-OCR reads plain text only; GOT's `ocr_type: "ocr"` is accepted for clients written for GOT."""
     if value == "ocr":
         return "ocr"
-    raise OcrParamError(f"{name}: this model reads plain text only; accepted: 'ocr' (formatted output needs "
+    raise InvalidRequest(f"{name}: this model reads plain text only; accepted: 'ocr' (formatted output needs "
                         f"GOT-OCR2_0), got {value!r}", name)
 
 
@@ -114,7 +114,7 @@ def _box(name: str, value: Any) -> tuple[float, float, float, float] | None:
         x1, y1, x2, y2 = (float(v) for v in value)
         if 0 <= x1 < x2 and 0 <= y1 < y2:
             return (x1, y1, x2, y2)
-    raise OcrParamError(f"{name} must be [x1, y1, x2, y2] in pixels with x1 < x2 and y1 < y2, got {value!r}", name)
+    raise InvalidRequest(f"{name} must be [x1, y1, x2, y2] in pixels with x1 < x2 and y1 < y2, got {value!r}", name)
 
 
 _COMMON: dict[str, Callable[[str, Any], Any]] = {
@@ -139,12 +139,12 @@ def parse_ocr_params(spec: OcrSpec, raw: Mapping[str, Any]) -> OcrParams:
     parsers = _BY_ENGINE[spec.engine]
     unknown = sorted(name for name in raw if name not in parsers)
     if unknown:
-        raise OcrParamError(
+        raise InvalidRequest(
             f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for {spec.name}; "
             f"accepted: {', '.join(parsers)}", unknown[0],
         )
     values = {name: parsers[name](name, value) for name, value in raw.items() if value is not None}
     if spec.engine == "transformers" and values.get("detail"):
-        raise OcrParamError(f"detail: {spec.name} reads text without line boxes; detail=true needs PP-OCR",
+        raise InvalidRequest(f"detail: {spec.name} reads text without line boxes; detail=true needs PP-OCR",
                             "detail")
     return OcrParams(**values)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol, Sequence
 from PIL import Image
 
 from kiln.engine.catalogue import OcrSpec
-from kiln.engine.requests import EngineError, InvalidRequest, QueueFull, RequestAborted
+from kiln.engine.errors import EngineError, InvalidRequest, QueueFull, RequestAborted
 from kiln.engine.worker import ModelWorker
 
 from .document import Document

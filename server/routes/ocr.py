@@ -16,9 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kiln.engine.catalogue import OCR
+from kiln.engine.errors import InvalidRequest
 from kiln.engine.images import ImageTooLarge, NotAnImage
 from kiln.engine.ocr import (
-    DocumentLimits, OcrParamError, OcrParams, OcrRequest, OcrRunner, open_document, parse_ocr_params,
+    DocumentLimits, OcrParams, OcrRequest, OcrRunner, open_document, parse_ocr_params,
 )
 
 from ..errors import ENGINE_ERRORS, ApiError, bad_request, from_engine
@@ -46,7 +47,7 @@ async def ocr(request: Request) -> Response:
         document = await asyncio.to_thread(
             open_document, upload, content_type, pages=params.pages, dpi=params.dpi, limits=limits, field=FILE_FIELD,
         )
-    except OcrParamError as error:
+    except InvalidRequest as error:
         raise bad_request(str(error), error.param) from None
     except ImageTooLarge as error:
         raise ApiError(413, f"{FILE_FIELD}: {error}", param=FILE_FIELD, code="image_too_large") from None
@@ -97,5 +98,5 @@ def _params(runner: OcrRunner, fields: dict[str, str]) -> OcrParams:
     raw.update({name: value for name, value in fields.items() if name not in _FORM_FIELDS})
     try:
         return parse_ocr_params(runner.spec, raw)
-    except OcrParamError as error:
+    except InvalidRequest as error:
         raise bad_request(str(error), error.param) from None

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from kiln.engine.backends import backend_unavailable, onnx_export_for
+from kiln.engine.backends import backend_unavailable
+from kiln.engine.backends.launch import onnx_export_for
 from kiln.engine.backends import onnx as onnx_module
 from kiln.engine.backends.base import (
     ExampleInputs,
@@ -29,7 +30,7 @@ from kiln.engine.backends.cache import EngineCache
 from kiln.engine.backends.compile import CompileBackend
 from kiln.engine.backends.onnx import ONNX_FILE, OnnxBackend
 from kiln.engine.catalogue import get_spec
-from kiln.engine.loading import ModelLoadError
+from kiln.engine.errors import ModelLoadError
 from kiln.engine.options import LaunchOptionError, parse_launch_options
 from kiln.engine.requests import ImageRequest
 from kiln.engine.runner import Runner
@@ -88,8 +89,7 @@ def test_onnx_export_matches_eager_at_any_batch_and_lane_size(runner_for, tmp_pa
     runner = runner_for(FAMILY_MODELS[family_name])
     family = runner.executor.family
     denoiser = unwrap(family.denoiser)
-    _, entry = onnx_export_for(family, runner.spec.name, runner.loaded.source, EngineCache(tmp_path),
-                               runner.spec.stride)
+    _, entry = onnx_export_for(family, runner.spec.name, runner.loaded.source, EngineCache(tmp_path))
     backend = OnnxBackend(denoiser, entry.file(ONNX_FILE), family.device)
     assert {node.shape[0] for node in backend.session.get_inputs() if node.name not in denoiser.shared_inputs} \
         == {"batch"}
@@ -112,7 +112,7 @@ def test_onnx_guidance_is_a_per_row_input(runner_for, tmp_path):
     family = runner.executor.family
     denoiser = unwrap(family.denoiser)
     assert "guidance" in denoiser.input_names
-    _, entry = onnx_export_for(family, runner.spec.name, runner.loaded.source, EngineCache(tmp_path), 16)
+    _, entry = onnx_export_for(family, runner.spec.name, runner.loaded.source, EngineCache(tmp_path))
     backend = OnnxBackend(denoiser, entry.file(ONNX_FILE), family.device)
     inputs = list(mixed_inputs(family, 3))
     before = backend(*inputs)
@@ -127,17 +127,17 @@ def test_onnx_guidance_is_a_per_row_input(runner_for, tmp_path):
 def test_onnx_export_is_reused_when_the_key_matches(runner_for, tmp_path, monkeypatch):
     runner = runner_for(FAMILY_MODELS["sd"])
     family, cache = runner.executor.family, EngineCache(tmp_path)
-    key, first = onnx_export_for(family, runner.spec.name, runner.loaded.source, cache, 8)
+    key, first = onnx_export_for(family, runner.spec.name, runner.loaded.source, cache)
     assert first.info["dynamic_axes"]["sample"] == {"0": "batch", "2": "d16_24", "3": "d16_20"}
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again although the cache had it")
 
     monkeypatch.setattr(onnx_module, "export_onnx", no_export)
-    again_key, again = onnx_export_for(family, runner.spec.name, runner.loaded.source, cache, 8)
+    again_key, again = onnx_export_for(family, runner.spec.name, runner.loaded.source, cache)
     assert again_key == key and again.path == first.path
     with pytest.raises(AssertionError, match="exported again"):  # another model name is another key
-        onnx_export_for(family, "sd-turbo", runner.loaded.source, cache, 8)
+        onnx_export_for(family, "sd-turbo", runner.loaded.source, cache)
 
 
 @pytest.mark.parametrize("family_name", list(FAMILY_MODELS))

@@ -33,7 +33,7 @@ def test_text_to_image_matches_diffusers(runner_for, name):
     kiln = run_alone(runner, ImageRequest("a lighthouse", 64, 64, 4, guidance, seed=21, sampler=sampler,
                                           negative_prompt="fog" if guidance > 1 else None))
     reference = diffusers_image(
-        runner.loaded.pipeline, sampler, spec.is_flow, 21, prompt="a lighthouse", height=64, width=64,
+        runner.loaded.pipeline, sampler, spec.family.flow, 21, prompt="a lighthouse", height=64, width=64,
         num_inference_steps=4, guidance_scale=guidance, **({"negative_prompt": "fog"} if guidance > 1 else {}),
     )
     assert max_diff(pixels(kiln), reference) <= PIXEL_TOLERANCE
@@ -55,6 +55,6 @@ def test_image_to_image_matches_diffusers(runner_for, name):
     kiln = run_alone(runner, ImageRequest("a fox", 64, 64, 5, spec.default_guidance, image=init_image(),
                                           strength=0.6, seed=4))
     img2img = AutoPipelineForImage2Image.from_pipe(runner.loaded.pipeline)
-    reference = diffusers_image(img2img, "default", spec.is_flow, 4, prompt="a fox", image=init_image(), height=64,
+    reference = diffusers_image(img2img, "default", spec.family.flow, 4, prompt="a fox", image=init_image(), height=64,
                                 width=64, strength=0.6, num_inference_steps=5, guidance_scale=spec.default_guidance)
     assert max_diff(pixels(kiln), reference) <= PIXEL_TOLERANCE

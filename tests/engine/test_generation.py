@@ -7,7 +7,8 @@ from PIL import Image
 from kiln.engine.catalogue import CATALOGUE, IMAGE2IMAGE, INPAINTING, get_spec
 import torch
 
-from kiln.engine.requests import ImageRequest, InvalidRequest, RequestHandle
+from kiln.engine.requests import ImageRequest, RequestHandle
+from kiln.engine.errors import InvalidRequest
 from kiln.engine.samplers import SAMPLER_NAMES
 
 from .conftest import PIXEL_TOLERANCE, drive, max_diff, pixels, run_alone

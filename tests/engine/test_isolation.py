@@ -7,7 +7,8 @@ everything else is the real engine.
 import pytest
 import torch
 
-from kiln.engine.requests import EngineError, ImageRequest, QueueFull, RequestAborted
+from kiln.engine.requests import ImageRequest
+from kiln.engine.errors import EngineError, QueueFull, RequestAborted
 
 from .conftest import PIXEL_TOLERANCE, drive, make_runner, max_diff, pixels, run_alone
 

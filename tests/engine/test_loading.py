@@ -12,7 +12,8 @@ import torch
 
 from kiln.engine import loading
 from kiln.engine.catalogue import get_spec
-from kiln.engine.loading import ModelLoadError, load_model, resolve_weights
+from kiln.engine.loading import load_model, resolve_weights
+from kiln.engine.errors import ModelLoadError
 from kiln.engine.options import LaunchOptionError, LaunchOptions, parse_launch_options, resolve_dtype
 from kiln.engine.tiny import tiny_checkpoint
 

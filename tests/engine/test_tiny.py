@@ -12,7 +12,7 @@ import torch
 
 from kiln.engine import tiny
 from kiln.engine.catalogue import CATALOGUE, get_spec
-from kiln.engine.loading import FAMILY_PIPELINES, load_model
+from kiln.engine.loading import load_model
 from kiln.engine.options import LaunchOptions
 
 MODELS = list(CATALOGUE)
@@ -39,7 +39,7 @@ def test_tiny_model_loads_and_generates(tiny_root: Path, name: str) -> None:
     loaded = load_model(spec, LaunchOptions(tiny=True, device="cpu"))
     pipeline = loaded.pipeline
     assert loaded.source == str(_checkpoint(tiny_root, name))
-    assert type(pipeline).__name__ == FAMILY_PIPELINES[spec.family]
+    assert type(pipeline).__name__ == spec.family.pipeline
     assert loaded.device == torch.device("cpu") and loaded.dtype == torch.float32
 
     cat, dog = _generate(pipeline, "a photograph of a cat"), _generate(pipeline, "a painting of a dog")
@@ -50,7 +50,7 @@ def test_tiny_model_loads_and_generates(tiny_root: Path, name: str) -> None:
 
     with torch.no_grad():
         latents = pipeline.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
-    assert latents.shape == (1, 16 if spec.is_flow else 4, 8, 8)  # the real latent geometry
+    assert latents.shape == (1, 16 if spec.family.flow else 4, 8, 8)  # the real latent geometry
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -58,7 +58,7 @@ def test_tiny_model_loads_from_model_path(tiny_root: Path, name: str) -> None:
     path = _checkpoint(tiny_root, name)
     loaded = load_model(get_spec(name), LaunchOptions(model_path=str(path), device="cpu"))
     assert loaded.source == str(path)
-    assert type(loaded.pipeline).__name__ == FAMILY_PIPELINES[get_spec(name).family]
+    assert type(loaded.pipeline).__name__ == get_spec(name).family.pipeline
 
 
 # (model, config file inside the checkpoint, key, value the real checkpoint has)
@@ -168,7 +168,7 @@ def test_builds_are_deterministic(tiny_root: Path, tmp_path: Path, name: str) ->
             f"{relative} differs from the cached build: if the builder changed on purpose, bump "
             "kiln.engine.tiny.FORMAT_VERSION"
         )
-    weights = "unet" if get_spec(name).family == "sd" else "transformer"
+    weights = "unet" if get_spec(name).family.denoiser == "unet" else "transformer"
     assert (fresh / weights / "diffusion_pytorch_model.safetensors").stat().st_size > 10_000
 
 

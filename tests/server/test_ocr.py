@@ -24,10 +24,10 @@ from PIL import Image
 
 from kiln.engine.catalogue import OCR_CATALOGUE
 from kiln.engine.images import NotAnImage
+from kiln.engine.errors import InvalidRequest, QueueFull, RequestAborted
 from kiln.engine.ocr import (
-    OcrParamError, OcrRequest, OcrRunner, Segment, group_lines, open_document, parse_ocr_options, parse_ocr_params,
+    OcrRequest, OcrRunner, Segment, group_lines, open_document, parse_ocr_options, parse_ocr_params,
 )
-from kiln.engine.requests import QueueFull, RequestAborted
 from kiln.server.client import Client, KilnError
 
 from .ocr_helpers import CLEAN_RENDERS, build_tiny_got_ocr2, cer, page, pdf, png, render
@@ -420,11 +420,11 @@ def test_group_lines_follows_a_rotated_page() -> None:
 
 
 def test_document_refusals_without_http() -> None:
-    with pytest.raises(OcrParamError, match="empty"):
+    with pytest.raises(InvalidRequest, match="empty"):
         open_document(b"")
     with pytest.raises(NotAnImage):
         open_document(b"GIF89a-but-not-really")
-    with pytest.raises(OcrParamError, match="between 50 and 600"):
+    with pytest.raises(InvalidRequest, match="between 50 and 600"):
         open_document(pdf([page("x")]), dpi=700)
 
 

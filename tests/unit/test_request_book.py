@@ -5,7 +5,8 @@ from concurrent.futures import Future
 
 import pytest
 
-from kiln.engine.requests import InvalidRequest, RequestAborted, RequestBook
+from kiln.engine.requests import RequestBook
+from kiln.engine.errors import InvalidRequest, RequestAborted
 
 
 class Handle:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from kiln.engine.requests import ImageRequest, QueueFull, RequestHandle
+from kiln.engine.requests import ImageRequest, RequestHandle
+from kiln.engine.errors import QueueFull
 from kiln.engine.scheduler import Scheduler
 
 
