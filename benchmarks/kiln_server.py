@@ -84,9 +84,9 @@ def _make_runner_class():
             super().load(start)
             instrument(self, self.recorder)
 
-        def submit(self, request):
+        def submit(self, request, on_preview=None):
             self.recorder.submitted(request.request_id, request.image_count)
-            handle = super().submit(request)
+            handle = super().submit(request, on_preview)
             handle.future.add_done_callback(
                 lambda _: self.recorder.request(request.request_id, 2, time.monotonic()))
             return handle

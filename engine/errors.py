@@ -14,11 +14,12 @@ class EngineError(RuntimeError):
 
 class InvalidRequest(ValueError):
     """Client input that cannot run (a request parameter, a launch option, an upload); nothing was queued or
-    changed. `param` names the field at fault when there is one."""
+    changed. `param` names the field at fault when there is one; `code` is the error code clients see."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_parameter"):
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 class QueueFull(RuntimeError):

@@ -227,10 +227,10 @@ class Executor:
             mask = state.inpaint.mask
             state.latents = (1 - mask) * known + mask * state.latents
         job.done_steps += 1
-        request = job.request
-        if job.done_steps in state.previews_at and request.on_preview is not None:
+        request, on_preview = job.request, job.handle.on_preview
+        if job.done_steps in state.previews_at and on_preview is not None:
             number = state.previews_at.index(job.done_steps)
-            request.on_preview(job.index, number, self.family.preview(state.latents, request.width, request.height))
+            on_preview(job.index, number, self.family.preview(state.latents, request.width, request.height))
 
     # --- decode ---------------------------------------------------------------------------------------------
     def decode(self, jobs: list[Job], fail: FailJob) -> dict[Job, Image.Image]:

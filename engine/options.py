@@ -12,18 +12,20 @@ from typing import Callable, Mapping
 
 from kiln.engine.backends import BACKEND_NAMES, package_unavailable
 from kiln.engine.catalogue import ModelSpec
+from kiln.engine.coerce import Unparsable, is_none_word, to_bool, to_int
+from kiln.engine.errors import InvalidRequest
 
 DTYPES = ("float32", "float16", "bfloat16")
 HALF_DTYPES = frozenset({"float16", "bfloat16"})
 QUANTIZATIONS = ("8-bit", "4-bit")
 BACKENDS = BACKEND_NAMES  # auto, eager, compile, onnx, tensorrt (engine/backends)
-TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
-FALSE_WORDS = frozenset({"false", "0", "no", "off"})
-_NONE = frozenset({"none", "null"})
 
 
-class LaunchOptionError(ValueError):
+class LaunchOptionError(InvalidRequest):
     """A launch option is unknown, of the wrong type, or has a value that is not accepted."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message, param, "invalid_launch_option")
 
 
 @dataclass(frozen=True)
@@ -55,24 +57,25 @@ def resolve_dtype(spec: ModelSpec, options: LaunchOptions, device_type: str) -> 
 
 # The option parsers below are shared with the OCR models' launch options (engine/ocr/options.py).
 def invalid_option(name: str, what: str, value: object) -> LaunchOptionError:
-    return LaunchOptionError(f"launch option {name!r}: got {value!r}; accepted: {what}")
+    return LaunchOptionError(f"launch option {name!r}: got {value!r}; accepted: {what}", name)
 
 
-def _boolean(name: str, value: object) -> bool:
-    """A bool, or the strings a CLI would pass (true/false, 1/0, yes/no, on/off)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS:
-        return value.strip().lower() in TRUE_WORDS
-    raise invalid_option(name, "true or false", value)
+def boolean(name: str, value: object) -> bool:
+    """A bool, or the words a CLI passes (true/false, 1/0, yes/no, on/off)."""
+    try:
+        return to_bool(value)
+    except Unparsable as error:
+        raise invalid_option(name, error.expected, value) from None
 
 
 def positive_int(name: str, value: object) -> int:
-    """An int >= 1, or its decimal string; bools and fractional numbers are refused."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
+    """An int >= 1 (or its text); bools and fractional numbers are refused."""
+    try:
+        number = to_int(value)
+    except Unparsable:
+        number = 0
+    if number >= 1:
+        return number
     raise invalid_option(name, "an integer >= 1", value)
 
 
@@ -131,7 +134,7 @@ def local_path(name: str, value: object) -> str | None:
 
 def _drop(name: str, value: object) -> bool:
     """text_encoder_3 takes only None: Xinference's way of saying "load SD3 without its T5 encoder"."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+    if is_none_word(value):
         return True
     raise invalid_option(name, "None (load SD3 without its T5 text encoder)", value)
 
@@ -144,7 +147,7 @@ def _backend(name: str, value: object) -> str:
         usable = [choice for choice in BACKENDS if package_unavailable(choice) is None]
         raise LaunchOptionError(
             f"launch option {name!r}: backend {backend!r} is not available on this machine: {reason}; "
-            f"accepted here: {' or '.join(repr(choice) for choice in usable)}"
+            f"accepted here: {' or '.join(repr(choice) for choice in usable)}", name,
         )
     return backend
 
@@ -153,11 +156,11 @@ def _backend(name: str, value: object) -> str:
 _OPTIONS: Mapping[str, tuple[str, Callable[[str, object], object]]] = {
     "torch_dtype": ("torch_dtype", dtype_name),
     "device": ("device", device_name),
-    "cpu_offload": ("cpu_offload", _boolean),
+    "cpu_offload": ("cpu_offload", boolean),
     "quantize_text_encoder": ("quantize_text_encoder", _names),
     "text_encoder_quantization": ("text_encoder_quantization", _choice(QUANTIZATIONS)),
     "text_encoder_3": ("drop_text_encoder_3", _drop),
-    "tiny": ("tiny", _boolean),
+    "tiny": ("tiny", boolean),
     "model_path": ("model_path", local_path),
     "max_batch_size": ("max_batch_size", _batch_size),
     "max_queue_size": ("max_queue_size", positive_int),
@@ -169,7 +172,8 @@ def parse_launch_options(spec: ModelSpec, raw: Mapping[str, object]) -> LaunchOp
     """Merge the catalogue's default launch options under `raw` and validate the result against the model."""
     unknown = sorted(set(raw) - set(_OPTIONS))
     if unknown:
-        raise LaunchOptionError(f"unknown launch option {unknown[0]!r}; accepted: {', '.join(_OPTIONS)}")
+        raise LaunchOptionError(f"unknown launch option {unknown[0]!r}; accepted: {', '.join(_OPTIONS)}",
+                                unknown[0])
     fields = {}
     for name, value in {**spec.default_launch, **raw}.items():
         field_name, parse = _OPTIONS[name]
@@ -190,14 +194,15 @@ def _check_text_encoders(spec: ModelSpec, options: LaunchOptions, explicit: tupl
         if name not in encoders:
             raise LaunchOptionError(
                 f"launch option 'quantize_text_encoder': {spec.name} ({spec.family.name}) has no {name!r}; "
-                f"accepted: {', '.join(encoders)}"
+                f"accepted: {', '.join(encoders)}", "quantize_text_encoder",
             )
     if options.drop_text_encoder_3 and "text_encoder_3" not in encoders:
         raise LaunchOptionError(
-            f"launch option 'text_encoder_3': {spec.name} ({spec.family.name}) has no text_encoder_3; only SD3 models do"
+            f"launch option 'text_encoder_3': {spec.name} ({spec.family.name}) has no text_encoder_3; only SD3 models do",
+            "text_encoder_3",
         )
     if options.drop_text_encoder_3 and "text_encoder_3" in explicit:
         raise LaunchOptionError(
             "launch options 'text_encoder_3' and 'quantize_text_encoder' conflict: text_encoder_3=None drops the "
-            "encoder that quantize_text_encoder asks to quantize; pass only one of them"
+            "encoder that quantize_text_encoder asks to quantize; pass only one of them", "text_encoder_3",
         )

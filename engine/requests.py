@@ -50,7 +50,6 @@ class ImageRequest:
     mask: Image.Image | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     preview_count: int = 0
-    on_preview: PreviewCallback | None = None
 
     @property
     def prompts(self) -> list[str]:
@@ -109,8 +108,9 @@ class Job:
 class RequestHandle:
     """The caller's view of a submitted request: a future of its images, its progress, and cancel()."""
 
-    def __init__(self, request: ImageRequest, lane: tuple):
+    def __init__(self, request: ImageRequest, lane: tuple, on_preview: PreviewCallback | None = None):
         self.request = request
+        self.on_preview = on_preview
         self.future: Future[list[GeneratedImage]] = Future()
         seeds = draw_seeds(request.seed, request.image_count)
         prompts = [p for p in request.prompts for _ in range(request.n)]

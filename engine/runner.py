@@ -7,7 +7,6 @@ tensor is touched by the scheduler thread alone, so no lock is held around model
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,23 +14,20 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends.launch import launch_backend
-from .catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE, ModelSpec
+from .catalogue import ModelSpec
 from .execution import Executor
 from .families import make_family
 from .loading import LoadedModel, load_model
 from .memory import CPU_BATCH_SIZE, batch_budget
 from .options import LaunchOptions
-from .requests import ImageRequest, Job, RequestHandle
+from .requests import ImageRequest, Job, PreviewCallback, RequestHandle
+from .schema import Limits, check_request
 from .errors import EngineError, InvalidRequest, QueueFull, RequestAborted
-from .samplers import sampler_names
 from .scheduler import Scheduler, StepPlan
 from .worker import ModelWorker
 
 log = logging.getLogger("kiln.engine")
 
-MAX_STEPS = 500
-MAX_GUIDANCE = 100.0
-_MODE_ABILITY = {"text2image": TEXT2IMAGE, "image2image": IMAGE2IMAGE, "inpainting": INPAINTING}
 
 
 @dataclass
@@ -51,10 +47,11 @@ class Runner(ModelWorker):
 
     thread_name = "kiln-scheduler"
 
-    def __init__(self, uid: str, spec: ModelSpec, options: LaunchOptions):
+    def __init__(self, uid: str, spec: ModelSpec, options: LaunchOptions, limits: Limits = Limits()):
         super().__init__(uid)
         self.spec = spec
         self.options = options
+        self.limits = limits
         self.stats = RunnerStats()
         self.scheduler = Scheduler(options.max_batch_size or CPU_BATCH_SIZE, options.max_queue_size)  # set by load
         self.loaded: LoadedModel | None = None
@@ -86,35 +83,23 @@ class Runner(ModelWorker):
 
     # --- the doors ------------------------------------------------------------------------------------------
     def validate(self, request: ImageRequest) -> None:
-        """Engine-side checks (the server checks the same with friendlier messages); raises InvalidRequest."""
+        """What the request schema checks (the server ran the same checks before submitting, with the same
+        limits), the model's abilities, and the queue bound; raises InvalidRequest."""
         spec = self.spec
-        ability = _MODE_ABILITY[request.mode]
-        if ability not in spec.abilities:
-            raise InvalidRequest(f"model {self.uid} ({spec.name}) cannot do {ability}; it can: {', '.join(spec.abilities)}")
-        for name, value in (("width", request.width), ("height", request.height)):
-            if value % spec.stride or not spec.min_size <= value <= spec.max_size:
-                raise InvalidRequest(
-                    f"{name} {value} must be a multiple of {spec.stride} between {spec.min_size} and {spec.max_size}"
-                )
-        if not 1 <= request.steps <= MAX_STEPS:
-            raise InvalidRequest(f"num_inference_steps must be between 1 and {MAX_STEPS}")
-        if not (math.isfinite(request.guidance_scale) and 0 <= request.guidance_scale <= MAX_GUIDANCE):
-            raise InvalidRequest(f"guidance_scale must be between 0 and {MAX_GUIDANCE}")
-        if request.strength is not None and not 0 < request.strength <= 1:
-            raise InvalidRequest("strength must be in (0, 1]")
-        if request.sampler not in sampler_names(spec.family.flow):
-            raise InvalidRequest(
-                f"unknown sampler_name {request.sampler!r}; this model accepts: {', '.join(sampler_names(spec.family.flow))}"
-            )
-        if not 1 <= request.image_count <= self.options.max_queue_size:
-            raise InvalidRequest(f"a request may ask for 1 to {self.options.max_queue_size} images")
+        if request.mode not in spec.abilities:
+            raise InvalidRequest(f"model {self.uid} ({spec.name}) cannot do {request.mode}; it can: "
+                                 f"{', '.join(spec.abilities)}", "model", "ability_not_supported")
+        check_request(spec, request, self.limits)
+        if request.image_count > self.options.max_queue_size:
+            raise InvalidRequest(f"a request may ask for 1 to {self.options.max_queue_size} images", "n")
 
-    def submit(self, request: ImageRequest) -> RequestHandle:
-        """Queue a request; raises InvalidRequest, or QueueFull when the waiting queue is at its bound."""
+    def submit(self, request: ImageRequest, on_preview: PreviewCallback | None = None) -> RequestHandle:
+        """Queue a request; raises InvalidRequest, or QueueFull when the waiting queue is at its bound.
+        `on_preview(job index, preview number, image)` is called from the scheduler thread as previews come."""
         if self.status != "ready":
             raise EngineError(f"model {self.uid} is not ready (status: {self.status})")
         self.validate(request)
-        handle = RequestHandle(request, lane=(request.width, request.height))
+        handle = RequestHandle(request, lane=(request.width, request.height), on_preview=on_preview)
         self._requests.add(request.request_id, handle)
         try:
             self.scheduler.add(handle.jobs)

@@ -10,8 +10,6 @@ import copy
 import inspect
 from typing import Any
 
-import diffusers
-
 # name -> (diffusers class name, config overrides)
 _EPSILON_SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
@@ -46,6 +44,8 @@ def sampler_names(flow: bool) -> tuple[str, ...]:
 
 def make_sampler(name: str, base: Any, flow: bool) -> Any:
     """A fresh sampler for one job; `base` is the model's own scheduler, whose config every sampler inherits."""
+    import diffusers  # here, so that the sampler names above are known without loading torch
+
     if name == "default":
         return type(base).from_config(base.config)
     table = _FLOW_SAMPLERS if flow else _EPSILON_SAMPLERS

@@ -24,10 +24,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.engine.images import ImageStore
+from kiln.engine.schema import Limits
 
 from .errors import EXCEPTION_HANDLERS, ApiError, error_response
 from .metrics import LatencyMiddleware, RequestLatency
-from .params import Limits
 from .registry import ModelRegistry
 from .routes import images, models, ocr, requests, system
 

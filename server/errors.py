@@ -73,7 +73,7 @@ ENGINE_ERRORS = (InvalidRequest, QueueFull, RequestAborted, EngineError)
 def from_engine(error: BaseException, retry_after: int) -> ApiError:
     """Translate the engine's exceptions into their HTTP meaning."""
     if isinstance(error, InvalidRequest):
-        return ApiError(400, str(error), code="invalid_request")
+        return ApiError(400, str(error), param=error.param, code=error.code)
     if isinstance(error, QueueFull):
         return ApiError(429, str(error), code="queue_full", headers={"Retry-After": str(retry_after)})
     if isinstance(error, RequestAborted):
@@ -84,6 +84,12 @@ def from_engine(error: BaseException, retry_after: int) -> ApiError:
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers)
+
+
+async def _engine_error(request: Request, exc: Exception) -> Response:
+    """The one boundary where the engine's exceptions (a bad parameter found by the request schema, a full
+    queue, an aborted request) become HTTP errors, wherever under a route they are raised."""
+    return await _api_error(request, from_engine(exc, request.app.state.registry.retry_after))
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -102,4 +108,7 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return error_response(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
 
 
-EXCEPTION_HANDLERS = {ApiError: _api_error, HTTPException: _http_exception, Exception: _internal_error}
+EXCEPTION_HANDLERS = {
+    ApiError: _api_error, **{error: _engine_error for error in ENGINE_ERRORS}, HTTPException: _http_exception,
+    Exception: _internal_error,
+}

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 from kiln.engine.catalogue import CATALOGUE, OCR_CATALOGUE, ModelSpec, OcrSpec
 from kiln.engine.errors import ModelLoadError
 from kiln.engine.ocr import OcrOptions, OcrRunner, parse_ocr_options
-from kiln.engine.options import LaunchOptionError, LaunchOptions, parse_launch_options
+from kiln.engine.options import LaunchOptions, parse_launch_options
 from kiln.engine.requests import RequestHandle
 from kiln.engine.runner import Runner
 
@@ -116,13 +116,10 @@ class ModelRegistry:
                 accepted = ", ".join(["null", *(repr(ok) for ok in honoured)])
                 raise bad_request(f"{field}={value!r} is not supported by Kiln; accepted: {accepted}", field,
                                   "unsupported_option")
-        try:
-            if isinstance(spec, OcrSpec):
-                options = parse_ocr_options(spec, fields)
-            else:
-                options = parse_launch_options(spec, fields)
-        except LaunchOptionError as error:
-            raise bad_request(str(error), code="invalid_launch_option") from None
+        if isinstance(spec, OcrSpec):
+            options = parse_ocr_options(spec, fields)
+        else:
+            options = parse_launch_options(spec, fields)
         return uid, spec, options
 
     def _loaded(self, uid: str, task: asyncio.Task) -> None:

@@ -17,9 +17,9 @@ from PIL import Image
 
 from kiln.engine.images import encode
 from kiln.engine.requests import RequestHandle
+from kiln.engine.schema import Delivery
 
 from .errors import ENGINE_ERRORS, error_body, from_engine
-from .params import Generation
 
 # The completed event's `usage` (OpenAI counts tokens; Kiln has none to count, the SDK expects the object).
 _USAGE = {
@@ -53,21 +53,21 @@ def sse(event: str, data: dict) -> bytes:
 async def image_events(
     channel: PreviewChannel,
     handle: RequestHandle,
-    generation: Generation,
+    delivery: Delivery,
     prefix: str,
     abort: Callable[[], object],
     retry_after: int,
 ) -> AsyncIterator[bytes]:
     """The event stream of one submitted request. If the client goes away the request is aborted."""
     common = {
-        "size": generation.size,
+        "size": f"{handle.request.width}x{handle.request.height}",
         "quality": "auto",
         "background": "opaque",
-        "output_format": generation.output_format,
+        "output_format": delivery.output_format,
     }
 
     async def b64(image: Image.Image) -> str:
-        data = await asyncio.to_thread(encode, image, generation.output_format, generation.output_compression)
+        data = await asyncio.to_thread(encode, image, delivery.output_format, delivery.output_compression)
         return base64.b64encode(data).decode()
 
     try:

@@ -7,15 +7,14 @@ model's engine (an onnxruntime thread count means nothing to GOT-OCR2, a torch d
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from kiln.engine.catalogue import OcrSpec
+from kiln.engine.coerce import Unparsable, to_float
 from kiln.engine.options import (
-    FALSE_WORDS,
-    TRUE_WORDS,
     LaunchOptionError,
+    boolean,
     device_name,
     dtype_name,
     invalid_option,
@@ -43,27 +42,24 @@ def _batch(name: str, value: object) -> int | None:
 
 
 def _score(name: str, value: object) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1:
-        return float(value)
+    try:
+        score = to_float(value)
+    except Unparsable:
+        score = -1.0
+    if 0 <= score <= 1:
+        return score
     raise invalid_option(name, "a number between 0 and 1", value)
 
 
 def _no_tiny(name: str, value: object) -> bool:
     """`tiny` is accepted only as false: OCR models have no random-weight stand-in (PP-OCR's real weights ship
     with rapidocr and load in a second, so there is nothing to stand in for)."""
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in FALSE_WORDS):
-        return False
-    if value is True or (isinstance(value, str) and value.strip().lower() in TRUE_WORDS):
+    if value is not None and boolean(name, value):
         raise LaunchOptionError(
             "launch option 'tiny': OCR models have no tiny checkpoint; PP-OCR's real weights ship with the "
-            "rapidocr package and need no download, so launch it without tiny"
+            "rapidocr package and need no download, so launch it without tiny", name,
         )
-    raise invalid_option(name, "false (OCR models have no tiny checkpoint)", value)
+    return False
 
 
 # option -> (OcrOptions field or None to drop, parser, engines that take it)
@@ -93,7 +89,7 @@ def parse_ocr_options(spec: OcrSpec, raw: Mapping[str, object]) -> OcrOptions:
     if unknown:
         raise LaunchOptionError(
             f"unknown launch option {unknown[0]!r} for {spec.name} (an OCR model on {spec.engine}); accepted: "
-            f"{', '.join(accepted)}"
+            f"{', '.join(accepted)}", unknown[0],
         )
     fields = {}
     for name, value in {**spec.default_launch, **raw}.items():

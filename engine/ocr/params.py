@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from kiln.engine.catalogue import OcrSpec
+from kiln.engine.coerce import to_bool, to_int
+from kiln.engine.schema import read_as, read_kwargs
 
 from ..errors import InvalidRequest
 
@@ -36,21 +37,11 @@ class OcrParams:
 
 
 def _boolean(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
-        return value.strip().lower() in ("true", "1")
-    raise InvalidRequest(f"{name} must be true or false, got {value!r}", name)
+    return read_as(name, to_bool, value)
 
 
 def _integer(name: str, value: Any) -> int:
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise InvalidRequest(f"{name} must be an integer, got {value!r}", name)
+    return read_as(name, to_int, value)
 
 
 def _pages(name: str, value: Any) -> tuple[int, ...]:
@@ -132,6 +123,13 @@ _BY_ENGINE: dict[str, dict[str, Callable[[str, Any], Any]]] = {
 
 def parameter_names(spec: OcrSpec) -> list[str]:
     return list(_BY_ENGINE[spec.engine])
+
+
+def parse_ocr_fields(spec: OcrSpec, fields: Mapping[str, Any]) -> OcrParams:
+    """An OCR call's multipart text fields: `kwargs` (a JSON string or object) under the other top-level
+    fields, validated for `spec`."""
+    raw = {**read_kwargs(fields.get("kwargs")), **{k: v for k, v in fields.items() if k not in ("model", "kwargs")}}
+    return parse_ocr_params(spec, raw)
 
 
 def parse_ocr_params(spec: OcrSpec, raw: Mapping[str, Any]) -> OcrParams:

@@ -18,9 +18,9 @@ from kiln.engine.catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE
 from kiln.engine.images import ImageStore, ImageTooLarge, NotAnImage, decode_upload, encode, media_type
 from kiln.engine.requests import GeneratedImage, ImageRequest, RequestHandle
 from kiln.engine.runner import Runner
+from kiln.engine.schema import Delivery, ParsedRequest, fit_size, parse_image_request
 
-from ..errors import ENGINE_ERRORS, ApiError, bad_request, from_engine
-from ..params import Generation, fit_size, parse_generation
+from ..errors import ApiError, bad_request
 from ..streaming import PreviewChannel, image_events
 from . import context
 from .bodies import Upload, read_form, read_json_object
@@ -34,8 +34,8 @@ async def generations(request: Request) -> Response:
     """Text to image (JSON body)."""
     body = await read_json_object(request)
     runner = context.registry(request).pick(_model_name(body), TEXT2IMAGE)
-    generation = parse_generation(runner.spec, body, limits=context.settings(request).limits, mode=TEXT2IMAGE)
-    return await _generate(request, runner, generation, prefix="image_generation")
+    parsed = parse_image_request(runner.spec, body, limits=context.settings(request).limits, mode=TEXT2IMAGE)
+    return await _generate(request, runner, parsed, prefix="image_generation")
 
 
 async def variations(request: Request) -> Response:
@@ -76,57 +76,46 @@ async def _from_form(
     runner = context.registry(request).pick(_model_name(fields), ability)
     image = await _upload(request, _one_file(files, _IMAGE_FIELDS, required=True), "image")
     mask = await _mask(request, mask_data, mask_field, image) if mask_data is not None else None
-    generation = parse_generation(runner.spec, fields, limits=context.settings(request).limits, mode=ability,
-                                  default_size=fit_size(runner.spec, *image.size), prompt_required=prompt_required)
-    return await _generate(request, runner, generation, prefix=prefix, image=image, mask=mask)
+    parsed = parse_image_request(runner.spec, fields, limits=context.settings(request).limits, mode=ability,
+                                 default_size=fit_size(runner.spec, *image.size), prompt_required=prompt_required,
+                                 image=image, mask=mask)
+    return await _generate(request, runner, parsed, prefix=prefix)
 
 
-async def _generate(
-    request: Request,
-    runner: Runner,
-    generation: Generation,
-    *,
-    prefix: str,
-    image: Image.Image | None = None,
-    mask: Image.Image | None = None,
-) -> Response:
-    retry_after = context.registry(request).retry_after
-    if generation.stream:
+async def _generate(request: Request, runner: Runner, parsed: ParsedRequest, *, prefix: str) -> Response:
+    delivery = parsed.delivery
+    if delivery.stream:
         channel = PreviewChannel(asyncio.get_running_loop())
-        handle = _submit(request, runner, generation.to_request(image, mask, channel.on_preview))
+        handle = _submit(request, runner, parsed.request, channel.on_preview)
         channel.watch(handle)
-        events = image_events(channel, handle, generation, prefix, lambda: runner.abort(handle.request.request_id),
-                              retry_after)
+        events = image_events(channel, handle, delivery, prefix, lambda: runner.abort(handle.request.request_id),
+                              context.registry(request).retry_after)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    handle = _submit(request, runner, generation.to_request(image, mask))
+    handle = _submit(request, runner, parsed.request)
     try:
         images = await result_or_cancel(request, handle.future, lambda: runner.abort(handle.request.request_id))
     except ClientGone:
         return client_gone_response()
     base_url = str(request.base_url)
-    data = await asyncio.to_thread(_items, images, generation, context.store(request), base_url)
+    data = await asyncio.to_thread(_items, images, delivery, context.store(request), base_url)
     return JSONResponse({"created": int(time.time()), "data": data})
 
 
-def _submit(request: Request, runner: Runner, image_request: ImageRequest) -> RequestHandle:
-    registry = context.registry(request)
-    found = registry.find_request(image_request.request_id)
+def _submit(request: Request, runner: Runner, image_request: ImageRequest, on_preview=None) -> RequestHandle:
+    found = context.registry(request).find_request(image_request.request_id)
     if found is not None and not found[1].future.done():
         raise bad_request(f"request_id {image_request.request_id!r} is already running; use a new one",
                           "request_id", "duplicate_request_id")
-    try:
-        return runner.submit(image_request)
-    except ENGINE_ERRORS as error:
-        raise from_engine(error, registry.retry_after) from None
+    return runner.submit(image_request, on_preview=on_preview)
 
 
-def _items(images: list[GeneratedImage], generation: Generation, store: ImageStore, base_url: str) -> list[dict]:
+def _items(images: list[GeneratedImage], delivery: Delivery, store: ImageStore, base_url: str) -> list[dict]:
     """Encode and format the data items (a worker thread: encoding is CPU work)."""
     items = []
     for generated in images:
-        data = encode(generated.image, generation.output_format, generation.output_compression)
-        if generation.response_format == "url":
-            url = f"{base_url}v1/images/files/{store.put(data, generation.output_format)}"
+        data = encode(generated.image, delivery.output_format, delivery.output_compression)
+        if delivery.response_format == "url":
+            url = f"{base_url}v1/images/files/{store.put(data, delivery.output_format)}"
             items.append({"url": url, "b64_json": None, "seed": generated.seed})
         else:
             items.append({"url": None, "b64_json": base64.b64encode(data).decode(), "seed": generated.seed})

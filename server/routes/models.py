@@ -7,10 +7,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kiln.engine.catalogue import CATALOGUE, OCR_CATALOGUE
+from kiln.engine.schema import PARAMETERS
 
-from . import context
 from ..errors import ApiError, bad_request
-from ..params import PARAMETERS
+from . import context
 from .bodies import read_json_object
 
 

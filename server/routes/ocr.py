@@ -9,26 +9,22 @@ naming it. The body is the recognised text as a JSON string, or with `detail` an
 from __future__ import annotations
 
 import asyncio
-import json
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from kiln.engine.catalogue import OCR
-from kiln.engine.errors import InvalidRequest
 from kiln.engine.images import ImageTooLarge, NotAnImage
 from kiln.engine.ocr import (
-    DocumentLimits, OcrParams, OcrRequest, OcrRunner, open_document, parse_ocr_params,
+    DocumentLimits, OcrParams, OcrRequest, OcrRunner, open_document, parse_ocr_fields,
 )
 
-from ..errors import ENGINE_ERRORS, ApiError, bad_request, from_engine
+from ..errors import ApiError, bad_request
 from . import context
 from .bodies import read_form
 from .waiting import ClientGone, client_gone_response, result_or_cancel
 
 FILE_FIELD = "image"
-_FORM_FIELDS = ("model", "kwargs")
 
 
 async def ocr(request: Request) -> Response:
@@ -47,17 +43,15 @@ async def ocr(request: Request) -> Response:
         document = await asyncio.to_thread(
             open_document, upload, content_type, pages=params.pages, dpi=params.dpi, limits=limits, field=FILE_FIELD,
         )
-    except InvalidRequest as error:
-        raise bad_request(str(error), error.param) from None
     except ImageTooLarge as error:
         raise ApiError(413, f"{FILE_FIELD}: {error}", param=FILE_FIELD, code="image_too_large") from None
     except NotAnImage as error:
         raise ApiError(415, f"{FILE_FIELD}: {error}, or a PDF", param=FILE_FIELD, code="not_an_image") from None
     try:
         handle = runner.submit(OcrRequest(document, params))
-    except ENGINE_ERRORS as error:
+    except Exception:
         document.close()
-        raise from_engine(error, registry.retry_after) from None
+        raise
     try:
         return JSONResponse(await result_or_cancel(request, handle.future, handle.cancel))
     except ClientGone:
@@ -83,20 +77,4 @@ def _model(fields: dict[str, str]) -> str | None:
 
 
 def _params(runner: OcrRunner, fields: dict[str, str]) -> OcrParams:
-    """`kwargs` (JSON string or object) under the top-level text fields; validated for the model."""
-    raw: dict[str, Any] = {}
-    text = fields.get("kwargs")
-    if text is not None and text.strip() not in ("", "null"):
-        try:
-            value = json.loads(text)
-        except ValueError as error:
-            raise bad_request(f"kwargs must be a JSON object (as a string), e.g. '{{\"detail\": true}}': {error}",
-                              "kwargs") from None
-        if not isinstance(value, dict):
-            raise bad_request(f"kwargs must be a JSON object, got {type(value).__name__}", "kwargs")
-        raw.update(value)
-    raw.update({name: value for name, value in fields.items() if name not in _FORM_FIELDS})
-    try:
-        return parse_ocr_params(runner.spec, raw)
-    except InvalidRequest as error:
-        raise bad_request(str(error), error.param) from None
+    return parse_ocr_fields(runner.spec, fields)

@@ -9,8 +9,7 @@ from typing import Any, Callable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import ENGINE_ERRORS, error_response, from_engine
-from . import context
+from ..errors import error_response
 
 
 class ClientGone(Exception):
@@ -23,8 +22,8 @@ def client_gone_response() -> Response:
 
 
 async def result_or_cancel(request: Request, future: Future, cancel: Callable[[], Any]) -> Any:
-    """The engine's result; if the client disconnects first, `cancel()` the request (its jobs leave the batch)
-    and raise ClientGone. Engine errors become API errors."""
+    """The engine's result (or its exception, which the app's handlers turn into the HTTP error); if the client
+    disconnects first, `cancel()` the request (its jobs leave the batch) and raise ClientGone."""
     result = asyncio.wrap_future(future)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -36,10 +35,7 @@ async def result_or_cancel(request: Request, future: Future, cancel: Callable[[]
             result.add_done_callback(lambda done: done.cancelled() or done.exception())  # nobody awaits it
     if not result.done():
         raise ClientGone()
-    try:
-        return result.result()
-    except ENGINE_ERRORS as error:
-        raise from_engine(error, context.registry(request).retry_after) from None
+    return result.result()
 
 
 async def _disconnected(request: Request) -> None:

@@ -79,10 +79,10 @@ def test_uid_defaults_to_the_model_name(http: httpx.Client) -> None:
         ({"model_name": "sd-turbo", "n_gpu": 4}, "n_gpu", ["n_gpu"]),
         ({"model_name": "sd-turbo", "model_engine": "vLLM"}, "model_engine", ["model_engine", "diffusers"]),
         ({"model_name": "sd-turbo", "peft_model_config": {"lora_list": [1]}}, "peft_model_config", ["peft"]),
-        ({"model_name": "sd-turbo", "torch_dtype": "float8"}, None, ["torch_dtype", "float16"]),
-        ({"model_name": "sd-turbo", "max_batch_size": 0}, None, ["max_batch_size"]),
-        ({"model_name": "sd-turbo", "warp_factor": 9}, None, ["warp_factor"]),
-        ({"model_name": "sd-turbo", "text_encoder_3": None}, None, ["text_encoder_3", "SD3"]),
+        ({"model_name": "sd-turbo", "torch_dtype": "float8"}, "torch_dtype", ["torch_dtype", "float16"]),
+        ({"model_name": "sd-turbo", "max_batch_size": 0}, "max_batch_size", ["max_batch_size"]),
+        ({"model_name": "sd-turbo", "warp_factor": 9}, "warp_factor", ["warp_factor"]),
+        ({"model_name": "sd-turbo", "text_encoder_3": None}, "text_encoder_3", ["text_encoder_3", "SD3"]),
     ],
 )
 def test_launch_errors(http: httpx.Client, body: dict, param: str | None, words: list[str]) -> None:

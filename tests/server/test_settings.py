@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from kiln.server.app import Settings
-from kiln.server.params import Limits
+from kiln.engine.schema import Limits
 
 from .server_helpers import assert_error, decode, png_bytes, wait_until
 
