@@ -158,7 +158,7 @@ async def bench_stats(request):
             continue
         data = recorder.clear() if reset else dict(recorder.data)
         models[runner.uid] = {**data, "max_batch_size": runner.max_batch_size,
-                              "forward_rows": {str(k): v for k, v in runner.stats.forward_rows.items()}}
+                              "forward_rows": {str(k): v for k, v in runner.counters.forward_rows.items()}}
     memory = {**process_memory(), **(gpu_memory(reset) or {})}
     if reset:
         memory["peak_reset"] = reset_peak()
@@ -167,9 +167,10 @@ async def bench_stats(request):
 
 def create_bench_app():
     from kiln.server.app import create_app
+    from kiln.engine.catalogue import ModelSpec
     from kiln.server.registry import ModelRegistry
 
-    registry = ModelRegistry(runner_factory=_make_runner_class())
+    registry = ModelRegistry({ModelSpec: _make_runner_class()})
     app = create_app(registry)
     app.add_route("/bench/stats", bench_stats, methods=["GET"])
     return app

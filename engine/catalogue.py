@@ -29,6 +29,7 @@ class ModelSpec:
     default_dtype: str
     max_size: int  # largest width or height accepted, in pixels
     default_launch: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    engine: str = "diffusers"  # what runs it, as Xinference's model_engine names it
 
     @property
     def stride(self) -> int:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 
@@ -30,29 +28,14 @@ log = logging.getLogger("kiln.engine")
 
 
 
-@dataclass
-class RunnerStats:
-    """Counters for /metrics, updated by the scheduler thread."""
-
-    images_generated: int = 0
-    requests_failed: int = 0
-    steps: int = 0
-    step_seconds: float = 0.0
-    forward_rows: Counter = field(default_factory=Counter)  # rows per denoiser forward -> count
-    forward_seconds: float = 0.0
-
-
 class Runner(ModelWorker):
     """One launched image model. `load()` blocks; `submit()` is safe from any thread."""
 
     thread_name = "kiln-scheduler"
 
     def __init__(self, uid: str, spec: ModelSpec, options: LaunchOptions, limits: Limits = Limits()):
-        super().__init__(uid)
-        self.spec = spec
-        self.options = options
+        super().__init__(uid, spec, options)
         self.limits = limits
-        self.stats = RunnerStats()
         self.scheduler = Scheduler(options.max_batch_size or CPU_BATCH_SIZE, options.max_queue_size)  # set by load
         self.loaded: LoadedModel | None = None
         self.executor: Executor | None = None
@@ -77,7 +60,7 @@ class Runner(ModelWorker):
                 warmup_size=warmup_size or self.spec.default_size, cpu_offload=self.options.cpu_offload,
             )
             self.executor = Executor(family, budget)
-            self.executor.on_forward = self._record_forward
+            self.executor.on_forward = self.counters.record_forward
 
         self._load_and_start(load, start)
 
@@ -113,6 +96,18 @@ class Runner(ModelWorker):
     def max_batch_size(self) -> int | None:
         """Active jobs at most: the launch option, or what "auto" derived at load (None until loaded)."""
         return self.scheduler.max_batch_size if self.executor is not None else None
+
+    def describe(self) -> dict:
+        return {**super().describe(), "backend": self.backend_info, "memory_bytes": self.memory_bytes}
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """Bytes of the loaded weights (every component's parameters and buffers), None until loaded."""
+        if self.loaded is None:
+            return None
+        modules = [c for c in self.loaded.pipeline.components.values() if isinstance(c, torch.nn.Module)]
+        tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     @property
     def queue_depth(self) -> int:
@@ -155,8 +150,7 @@ class Runner(ModelWorker):
             return
         started = time.perf_counter()
         self.executor.step(jobs, self._fail)
-        self.stats.steps += 1
-        self.stats.step_seconds += time.perf_counter() - started
+        self.counters.record_step(time.perf_counter() - started)
         finished = [job for job in jobs if job.finished and _live(job)]
         for job, image in self.executor.decode(finished, self._fail).items():
             job.state = None  # free the tensors now; the image is all that is left
@@ -170,15 +164,11 @@ class Runner(ModelWorker):
             log.warning("request %s failed: %r", job.request.request_id, error, exc_info=error)
             job.handle.fail(EngineError(f"{type(error).__name__}: {error}"))
 
-    def _record_forward(self, rows: int, seconds: float) -> None:
-        self.stats.forward_rows[rows] += 1
-        self.stats.forward_seconds += seconds
-
     def _count_outcome(self, future, handle: RequestHandle) -> None:
         if future.exception() is None:
-            self.stats.images_generated += len(handle.jobs)
+            self.counters.images_generated += len(handle.jobs)
         else:
-            self.stats.requests_failed += 1
+            self.counters.requests_failed += 1
 
 
 def _live(job: Job) -> bool:

@@ -1,26 +1,55 @@
-"""What the image and OCR runners share: a launched model's status, the one thread that does its work, and the
-requests it answers for by id (progress, abort)."""
+"""What the image and OCR runners share: a launched model's status, the one thread that does its work, the
+requests it answers for by id (progress, abort), its counters, and the parts of the `ModelEndpoint` protocol
+(engine/endpoint.py) that do not depend on what the model does."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from .requests import RequestBook
+from .endpoint import EndpointStats
 from .errors import RequestAborted
+from .requests import RequestBook
+
+
+@dataclass
+class Counters:
+    """What /metrics counts per model; written by the worker thread only."""
+
+    images_generated: int = 0  # OCR: pages read
+    requests_failed: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0
+    forward_rows: Counter = field(default_factory=Counter)  # rows per forward (OCR: crops per recognition)
+    forward_seconds: float = 0.0
+
+    def record_forward(self, rows: int, seconds: float) -> None:
+        self.forward_rows[rows] += 1
+        self.forward_seconds += seconds
+
+    def record_step(self, seconds: float) -> None:
+        self.steps += 1
+        self.step_seconds += seconds
 
 
 class ModelWorker:
     """The lifecycle of one launched model: created -> loading -> ready | failed; stopped after close().
 
     Subclasses provide `_loop` (the worker thread's body, until `_stopping` is set), `_wake` (make a waiting
-    loop look again) and `_drop_waiting` (forget queued work at close)."""
+    loop look again), `_drop_waiting` (forget queued work at close), `queue_depth`, `active_jobs` and
+    `max_batch_size`, and may add to `describe()`."""
 
     thread_name = "kiln-worker"
 
-    def __init__(self, uid: str):
+    def __init__(self, uid: str, spec: Any, options: Any):
         self.uid = uid
+        self.spec = spec
+        self.options = options
+        self.counters = Counters()
         self.status = "created"
         self.error: str | None = None
         self.created = int(time.time())
@@ -52,7 +81,9 @@ class ModelWorker:
         self._requests.fail_all(RequestAborted(f"model {self.uid} was terminated"))
         self.status = "stopped"
 
+    # --- the ModelEndpoint doors that every model has alike -------------------------------------------------
     def get(self, request_id: str) -> Any | None:
+        """The handle of a request this model knows (running, or finished a short while ago)."""
         return self._requests.get(request_id)
 
     def abort(self, request_id: str) -> str:
@@ -64,6 +95,45 @@ class ModelWorker:
             return "NO_OP"
         self._wake()
         return "DONE"
+
+    def progress(self, request_id: str) -> float | None:
+        handle = self.get(request_id)
+        return None if handle is None else handle.progress
+
+    def stats(self) -> EndpointStats:
+        counters = self.counters
+        return EndpointStats(
+            queue_depth=self.queue_depth, active_jobs=self.active_jobs,
+            images_generated=counters.images_generated, requests_failed=counters.requests_failed,
+            steps=counters.steps, step_seconds=counters.step_seconds, forward_seconds=counters.forward_seconds,
+            forward_rows=dict(counters.forward_rows),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model_engine": self.spec.engine,
+            "launch_options": {key: list(value) if isinstance(value, tuple) else value
+                               for key, value in asdict(self.options).items()},
+            "max_batch_size": self.max_batch_size,  # resolved: "auto" becomes a number at load
+        }
+
+    def _count_failure(self, future: Future) -> None:
+        """A done-callback of every request's future: failed and cancelled requests count."""
+        if future.cancelled() or future.exception() is not None:
+            self.counters.requests_failed += 1
+
+    # --- what subclasses provide ----------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def active_jobs(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def max_batch_size(self) -> int | None:
+        raise NotImplementedError
 
     def _loop(self) -> None:
         raise NotImplementedError

@@ -77,7 +77,8 @@ def create_app(registry: ModelRegistry | None = None, *, settings: Settings = Se
     """The Kiln ASGI app. `app.state` holds `registry`, `settings`, `store` (the url image store) and
     `latency` (request latency histograms)."""
     owns_registry = registry is None
-    registry = registry if registry is not None else ModelRegistry(retry_after=settings.retry_after_seconds)
+    registry = registry if registry is not None else ModelRegistry(retry_after=settings.retry_after_seconds,
+                                                                   limits=settings.limits)
     store = ImageStore(settings.file_dir, ttl=settings.file_ttl_seconds)
     latency = RequestLatency()
 

@@ -15,7 +15,7 @@ from typing import Iterable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kiln.engine.runner import Runner
+from kiln.engine.endpoint import ModelEndpoint
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -90,40 +90,40 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(runners: Iterable[Runner], latency: RequestLatency, stored_files: int) -> str:
+def render(endpoints: Iterable[ModelEndpoint], latency: RequestLatency, stored_files: int) -> str:
     """The whole exposition, one metric family at a time."""
-    runners = list(runners)
+    models = [(endpoint.uid, endpoint.status, endpoint.stats()) for endpoint in endpoints]
     lines: list[str] = []
 
     def family(name: str, kind: str, help_text: str, samples: Iterable[str]) -> None:
         lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
 
     def per_model(value) -> list[str]:
-        return [f'{{model="{_escape(r.uid)}"}} {value(r)}' for r in runners]
+        return [f'{{model="{_escape(uid)}"}} {value(status, stats)}' for uid, status, stats in models]
 
     gauges = (
-        ("kiln_queue_depth", "Images waiting for admission to a batch.", lambda r: r.queue_depth),
-        ("kiln_active_jobs", "Images being denoised now.", lambda r: r.active_jobs),
-        ("kiln_model_ready", "1 when the model takes requests.", lambda r: int(r.status == "ready")),
+        ("kiln_queue_depth", "Images waiting for admission to a batch.", lambda _, s: s.queue_depth),
+        ("kiln_active_jobs", "Images being denoised now.", lambda _, s: s.active_jobs),
+        ("kiln_model_ready", "1 when the model takes requests.", lambda status, _: int(status == "ready")),
     )
     for name, help_text, value in gauges:
         family(name, "gauge", help_text, [name + sample for sample in per_model(value)])
     counters = (
-        ("kiln_images_generated_total", "Images finished.", lambda r: r.stats.images_generated),
-        ("kiln_requests_failed_total", "Requests that failed or were cancelled.", lambda r: r.stats.requests_failed),
-        ("kiln_steps_total", "Denoising steps (one batched forward per lane each).", lambda r: r.stats.steps),
-        ("kiln_step_seconds_total", "Time spent in denoising steps.", lambda r: r.stats.step_seconds),
-        ("kiln_forward_seconds_total", "Time spent in denoiser forwards.", lambda r: r.stats.forward_seconds),
+        ("kiln_images_generated_total", "Images finished.", lambda _, s: s.images_generated),
+        ("kiln_requests_failed_total", "Requests that failed or were cancelled.", lambda _, s: s.requests_failed),
+        ("kiln_steps_total", "Denoising steps (one batched forward per lane each).", lambda _, s: s.steps),
+        ("kiln_step_seconds_total", "Time spent in denoising steps.", lambda _, s: s.step_seconds),
+        ("kiln_forward_seconds_total", "Time spent in denoiser forwards.", lambda _, s: s.forward_seconds),
     )
     for name, help_text, value in counters:
         family(name, "counter", help_text, [name + sample for sample in per_model(value)])
 
     rows_lines = []
-    for runner in runners:
+    for uid, _, stats in models:
         histogram = Histogram(ROWS_BUCKETS)
-        for rows, count in sorted(runner.stats.forward_rows.items()):
+        for rows, count in sorted(stats.forward_rows.items()):
             histogram.observe(rows, count)
-        rows_lines += histogram.lines("kiln_forward_rows", f'model="{_escape(runner.uid)}"')
+        rows_lines += histogram.lines("kiln_forward_rows", f'model="{_escape(uid)}"')
     family("kiln_forward_rows", "histogram", "Rows per denoiser forward (batch size; CFG jobs count two).",
            rows_lines)
 

@@ -11,26 +11,44 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from kiln.engine.catalogue import CATALOGUE, OCR_CATALOGUE, ModelSpec, OcrSpec
+from kiln.engine.endpoint import ModelEndpoint
 from kiln.engine.errors import ModelLoadError
-from kiln.engine.ocr import OcrOptions, OcrRunner, parse_ocr_options
-from kiln.engine.options import LaunchOptions, parse_launch_options
-from kiln.engine.requests import RequestHandle
+from kiln.engine.ocr import OcrRunner, parse_ocr_options
+from kiln.engine.options import parse_launch_options
 from kiln.engine.runner import Runner
+from kiln.engine.schema import Limits
 
 from . import heap
 from .errors import ApiError, bad_request
 
 log = logging.getLogger("kiln.server")
 
-RunnerFactory = Callable[[str, ModelSpec, LaunchOptions], Runner]
+# (uid, spec, launch options, request limits) -> the endpoint that serves the model.
+EndpointFactory = Callable[[str, Any, Any, Limits], ModelEndpoint]
+
+
+@dataclass(frozen=True)
+class EndpointKind:
+    """How one kind of catalogue entry launches: its launch options' parser and the endpoint that serves it."""
+
+    parse_options: Callable[[Any, Mapping[str, Any]], Any]
+    factory: EndpointFactory
+
+
+# Catalogue entry type -> how it launches. A distributed front replaces the factories, nothing else.
+ENDPOINT_KINDS: Mapping[type, EndpointKind] = {
+    ModelSpec: EndpointKind(parse_launch_options, Runner),
+    OcrSpec: EndpointKind(parse_ocr_options, lambda uid, spec, options, limits: OcrRunner(uid, spec, options)),
+}
 _UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Fields the xinference client sends on every launch -> the values Kiln can honour (None always can).
+# Fields the xinference client sends on every launch -> the values Kiln can honour (None always can; the
+# model's own engine is always accepted as model_engine).
 _CLIENT_FIELDS: Mapping[str, tuple[Any, ...]] = {
-    "model_engine": ("diffusers",),
+    "model_engine": (),
     "model_size_in_billions": (),
     "model_format": ("pytorch",),
     "quantization": ("none",),
@@ -52,12 +70,18 @@ _CLIENT_FIELDS: Mapping[str, tuple[Any, ...]] = {
 
 
 class ModelRegistry:
-    """Runners by uid. All methods run on the event loop; blocking runner work goes to threads."""
+    """Endpoints by uid. All methods run on the event loop; blocking endpoint work goes to threads.
 
-    def __init__(self, runner_factory: RunnerFactory = Runner, retry_after: int = 5):
-        self.runner_factory = runner_factory
+    `factories` overrides how a kind of catalogue entry is served (tests and benchmarks instrument the image
+    runner this way); `limits` bound every request, and every endpoint checks with the same ones."""
+
+    def __init__(self, factories: Mapping[type, EndpointFactory] | None = None, retry_after: int = 5,
+                 limits: Limits = Limits()):
+        self.kinds = {spec_type: EndpointKind(kind.parse_options, (factories or {}).get(spec_type, kind.factory))
+                      for spec_type, kind in ENDPOINT_KINDS.items()}
         self.retry_after = retry_after  # seconds, sent with 503 (loading) and 429 (queue full)
-        self._runners: dict[str, Runner] = {}
+        self.limits = limits
+        self._runners: dict[str, ModelEndpoint] = {}
         self._loads: dict[str, asyncio.Task] = {}
 
     # --- launch ---------------------------------------------------------------------------------------------
@@ -65,10 +89,7 @@ class ModelRegistry:
         """Start a model; with `wait_ready` return once it is loaded (a load error is raised and the uid
         freed), else at once (the load error is then reported by `describe` and by requests to it)."""
         uid, spec, options = self.parse_launch(body)
-        if isinstance(spec, OcrSpec):
-            runner = OcrRunner(uid, spec, options)
-        else:
-            runner = self.runner_factory(uid, spec, options)
+        runner = self.kinds[type(spec)].factory(uid, spec, options, self.limits)
         self._runners[uid] = runner
         load = asyncio.create_task(asyncio.to_thread(runner.load), name=f"kiln-load-{uid}")
         self._loads[uid] = load
@@ -84,8 +105,9 @@ class ModelRegistry:
                                code="model_load_failed") from error
         return uid
 
-    def parse_launch(self, body: Mapping[str, Any]) -> tuple[str, ModelSpec | OcrSpec, LaunchOptions | OcrOptions]:
-        """Validate a launch body without side effects; raises ApiError(400) naming the bad field."""
+    def parse_launch(self, body: Mapping[str, Any]) -> tuple[str, ModelSpec | OcrSpec, Any]:
+        """Validate a launch body without side effects; raises ApiError(400) (or a LaunchOptionError, a 400 at
+        the app's error boundary) naming the bad field."""
         if not isinstance(body, Mapping):
             raise bad_request("the launch body must be a JSON object")
         fields = dict(body)
@@ -109,18 +131,13 @@ class ModelRegistry:
             raise bad_request(f"model uid {uid!r} is already launched; terminate it first or pick another model_uid",
                               "model_uid", "model_exists")
         for field, honoured in _CLIENT_FIELDS.items():
-            if field == "model_engine" and isinstance(spec, OcrSpec):
-                honoured = (spec.engine,)
+            honoured = (spec.engine,) if field == "model_engine" else honoured
             value = fields.pop(field, None)
             if value is not None and not any(_same(value, ok) for ok in honoured):
                 accepted = ", ".join(["null", *(repr(ok) for ok in honoured)])
                 raise bad_request(f"{field}={value!r} is not supported by Kiln; accepted: {accepted}", field,
                                   "unsupported_option")
-        if isinstance(spec, OcrSpec):
-            options = parse_ocr_options(spec, fields)
-        else:
-            options = parse_launch_options(spec, fields)
-        return uid, spec, options
+        return uid, spec, self.kinds[type(spec)].parse_options(spec, fields)
 
     def _loaded(self, uid: str, task: asyncio.Task) -> None:
         if self._loads.get(uid) is task:
@@ -134,10 +151,10 @@ class ModelRegistry:
     def uids(self) -> list[str]:
         return list(self._runners)
 
-    def runners(self) -> list[Runner]:
+    def runners(self) -> list[ModelEndpoint]:
         return list(self._runners.values())
 
-    def runner(self, uid: str) -> Runner:
+    def runner(self, uid: str) -> ModelEndpoint:
         """The runner for `uid` in any state; 404 listing the running uids."""
         runner = self._runners.get(uid)
         if runner is None:
@@ -145,7 +162,7 @@ class ModelRegistry:
                            param="model", code="model_not_found")
         return runner
 
-    def ready(self, runner: Runner) -> Runner:
+    def ready(self, runner: ModelEndpoint) -> ModelEndpoint:
         """`runner` if it can take requests: 503 + Retry-After while loading, 500 with the load error."""
         if runner.status in ("created", "loading"):
             raise ApiError(503, f"model {runner.uid} is still loading; retry in a few seconds", code="model_loading",
@@ -155,7 +172,7 @@ class ModelRegistry:
                            f"(DELETE /v1/models/{runner.uid}) and launch it again", code="model_load_failed")
         return runner
 
-    def pick(self, uid: str | None, ability: str) -> Runner:
+    def pick(self, uid: str | None, ability: str) -> ModelEndpoint:
         """The model a request runs on: the named one, or (no name) the first ready one able to do `ability`."""
         if uid is None:
             for runner in self._runners.values():
@@ -171,12 +188,12 @@ class ModelRegistry:
                               "ability_not_supported")
         return self.ready(runner)
 
-    def find_request(self, request_id: str) -> tuple[Runner, RequestHandle] | None:
-        """The runner and handle of a request id, newest model first."""
+    def request_progress(self, request_id: str) -> float | None:
+        """The progress of a request id (newest model first), None when no model knows it."""
         for runner in reversed(self._runners.values()):
-            handle = runner.get(request_id)
-            if handle is not None:
-                return runner, handle
+            progress = runner.progress(request_id)
+            if progress is not None:
+                return progress
         return None
 
     # --- description ----------------------------------------------------------------------------------------
@@ -191,12 +208,10 @@ class ModelRegistry:
             "model_type": "image",
             "model_uid": uid,
             **runner.spec.describe(),
-            "model_engine": runner.spec.engine if isinstance(runner.spec, OcrSpec) else "diffusers",
             "replica": 1,
             "status": runner.status,
             "error": runner.error,
-            "launch_options": _options(runner.options),
-            "max_batch_size": runner.max_batch_size,  # resolved: "auto" becomes a number at load
+            **runner.describe(),
         }
 
     def describe_all(self) -> list[dict[str, Any]]:
@@ -224,7 +239,3 @@ def _same(value: Any, accepted: Any) -> bool:
         return value.lower() == accepted.lower()
     return type(value) is type(accepted) and value == accepted
 
-
-def _options(options: LaunchOptions | OcrOptions) -> dict[str, Any]:
-    """The launch options as JSON-ready values."""
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(options).items()}

@@ -16,10 +16,10 @@ from .document import Document, DocumentLimits, is_pdf, open_document
 from .layout import Line, PageText, Segment, format_result, group_lines
 from .options import OcrOptions, parse_ocr_options
 from .params import OcrParams, parameter_names, parse_ocr_fields, parse_ocr_params
-from .runner import OcrHandle, OcrRequest, OcrRunner, OcrStats
+from .runner import OcrHandle, OcrRequest, OcrRunner
 
 __all__ = [
     "Document", "DocumentLimits", "Line", "OcrHandle", "OcrOptions", "OcrParams",
-    "OcrRequest", "OcrRunner", "OcrStats", "PageText", "Segment", "format_result", "group_lines", "is_pdf",
+    "OcrRequest", "OcrRunner", "PageText", "Segment", "format_result", "group_lines", "is_pdf",
     "open_document", "parameter_names", "parse_ocr_fields", "parse_ocr_options", "parse_ocr_params",
 ]

@@ -1,8 +1,8 @@
 """An OCR runner: one launched OCR model, its waiting pages, and the one worker thread that runs it.
 
-It has the image runner's outward shape (uid, spec, options, status, error, created, stats, load, close,
-submit -> handle with a concurrent future, get, abort, queue_depth, active_jobs), so the registry, the metrics
-and the progress/abort routes treat both alike. Inside, the unit of work is a *page* (an image is one page):
+It implements the `ModelEndpoint` protocol (engine/endpoint.py) as the image runner does, so the registry, the
+metrics and the progress/abort routes treat both alike. Inside, the unit of work is a *page* (an image is one
+page):
 
     step = take pages     round-robin over waiting requests, up to a page and a pixel budget
            render         PDF pages are rasterised now, one step at a time, so memory stays bounded
@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -114,19 +114,6 @@ class OcrHandle:
                 self.future.set_exception(error)
 
 
-@dataclass
-class OcrStats:
-    """Counters for /metrics, named as the image runner's so the same exposition covers both."""
-
-    images_generated: int = 0  # pages (images) read
-    requests_failed: int = 0
-    steps: int = 0
-    step_seconds: float = 0.0
-    forward_rows: Counter = field(default_factory=Counter)  # crops per recognition forward (GOT: pages/generate)
-    forward_seconds: float = 0.0
-    lines: int = 0  # text lines returned
-
-
 class OcrRunner(ModelWorker):
     """One launched OCR model. `load()` blocks; `submit()` is safe from any thread."""
 
@@ -134,10 +121,7 @@ class OcrRunner(ModelWorker):
 
     def __init__(self, uid: str, spec: OcrSpec, options: OcrOptions,
                  model_factory: Callable[[OcrSpec, OcrOptions, Callable[[int, float], None]], OcrModel] | None = None):
-        super().__init__(uid)
-        self.spec = spec
-        self.options = options
-        self.stats = OcrStats()
+        super().__init__(uid, spec, options)
         self.model: OcrModel | None = None
         self._model_factory = model_factory or make_model
         self._waiting: deque[tuple[OcrHandle, deque[int]]] = deque()  # requests with pages left, round-robin
@@ -152,7 +136,7 @@ class OcrRunner(ModelWorker):
         thread runs and the caller drives the work with `iterate()` (tests use this to choose what batches)."""
 
         def load() -> None:
-            self.model = self._model_factory(self.spec, self.options, self._record_forward)
+            self.model = self._model_factory(self.spec, self.options, self.counters.record_forward)
 
         self._load_and_start(load, start)
 
@@ -185,7 +169,7 @@ class OcrRunner(ModelWorker):
             self._waiting.append((handle, deque(range(len(request.document)))))
             self._waiting_pages += len(request.document)
             self._work.notify()
-        handle.future.add_done_callback(self._count_outcome)
+        handle.future.add_done_callback(self._count_failure)
         return handle
 
     @property
@@ -221,8 +205,7 @@ class OcrRunner(ModelWorker):
                 handle.fail(EngineError(f"internal error: {error}"))
         finally:
             self._active_pages = 0
-        self.stats.steps += 1
-        self.stats.step_seconds += time.perf_counter() - started
+        self.counters.record_step(time.perf_counter() - started)
 
     def _take(self) -> list[tuple[OcrHandle, int]]:
         """Up to a step's pages, one from each waiting request in turn (a long PDF does not hold back the
@@ -289,8 +272,7 @@ class OcrRunner(ModelWorker):
             page = PageText(number, image.width, image.height, result)
         else:
             page = PageText.from_segments(number, image.width, image.height, result)
-            self.stats.lines += len(page.lines or ())
-        self.stats.images_generated += 1
+        self.counters.images_generated += 1
         handle.complete_page(index, page)
 
     def _fail(self, handle: OcrHandle, error: BaseException, what: str) -> None:
@@ -300,13 +282,6 @@ class OcrRunner(ModelWorker):
         log.warning("OCR request %s: %s: %r", handle.request.request_id, what, error, exc_info=error)
         handle.fail(EngineError(f"{what}: {type(error).__name__}: {error}"))
 
-    def _record_forward(self, rows: int, seconds: float) -> None:
-        self.stats.forward_rows[rows] += 1
-        self.stats.forward_seconds += seconds
-
-    def _count_outcome(self, future: Future) -> None:
-        if future.cancelled() or future.exception() is not None:
-            self.stats.requests_failed += 1
 
 
 def make_model(spec: OcrSpec, options: OcrOptions, on_forward: Callable[[int, float], None]) -> OcrModel:

@@ -102,8 +102,8 @@ async def _generate(request: Request, runner: Runner, parsed: ParsedRequest, *, 
 
 
 def _submit(request: Request, runner: Runner, image_request: ImageRequest, on_preview=None) -> RequestHandle:
-    found = context.registry(request).find_request(image_request.request_id)
-    if found is not None and not found[1].future.done():
+    progress = context.registry(request).request_progress(image_request.request_id)
+    if progress is not None and progress < 1.0:
         raise bad_request(f"request_id {image_request.request_id!r} is already running; use a new one",
                           "request_id", "duplicate_request_id")
     return runner.submit(image_request, on_preview=on_preview)

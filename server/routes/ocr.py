@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from kiln.engine.catalogue import OCR
 from kiln.engine.images import ImageTooLarge, NotAnImage
 from kiln.engine.ocr import (
-    DocumentLimits, OcrParams, OcrRequest, OcrRunner, open_document, parse_ocr_fields,
+    DocumentLimits, OcrRequest, open_document, parse_ocr_fields,
 )
 
 from ..errors import ApiError, bad_request
@@ -31,9 +31,7 @@ async def ocr(request: Request) -> Response:
     fields, upload, content_type = await _read_form(request)
     registry = context.registry(request)
     runner = registry.pick(_model(fields), OCR)
-    if not isinstance(runner, OcrRunner):  # an image model given the OCR ability by a custom catalogue
-        raise bad_request(f"model {runner.uid} is not an OCR model", "model")
-    params = _params(runner, fields)
+    params = parse_ocr_fields(runner.spec, fields)
     settings = context.settings(request)
     if len(upload) > settings.max_upload_bytes:
         raise ApiError(413, f"{FILE_FIELD} is {len(upload)} bytes; the limit is {settings.max_upload_bytes}",
@@ -74,7 +72,3 @@ async def _read_form(request: Request) -> tuple[dict[str, str], bytes, str | Non
 
 def _model(fields: dict[str, str]) -> str | None:
     return fields.get("model") or None
-
-
-def _params(runner: OcrRunner, fields: dict[str, str]) -> OcrParams:
-    return parse_ocr_fields(runner.spec, fields)

@@ -13,11 +13,11 @@ from ..errors import ApiError
 async def progress(request: Request) -> Response:
     """`{"progress": 0..1}`: denoising steps done over all of the request's images (1.0 once it ended)."""
     request_id = request.path_params["request_id"]
-    found = context.registry(request).find_request(request_id)
-    if found is None:
+    progress = context.registry(request).request_progress(request_id)
+    if progress is None:
         raise ApiError(404, f"no request with request_id {request_id!r} (unknown, or finished long ago); put "
                        f"\"request_id\" in the request's parameters to follow it", code="request_not_found")
-    return JSONResponse({"progress": found[1].progress})
+    return JSONResponse({"progress": progress})
 
 
 async def abort(request: Request) -> Response:

@@ -51,11 +51,11 @@ def test_forwards_and_decodes_at_a_large_size_hold_fewer_jobs(tiny_root):
         for size, rows in ((64, 6), (128, 2)):
             requests = [ImageRequest(f"a bird {i}", size, size, 3, 5.0, seed=i, sampler="Euler") for i in range(3)]
             solo = [run_alone(runner, request) for request in requests]
-            runner.stats.forward_rows.clear()
+            runner.counters.forward_rows.clear()
             decoded.clear()
             handles = [runner.submit(request) for request in requests]
             drive(runner, lambda: all(handle.future.done() for handle in handles))
-            assert set(runner.stats.forward_rows) == {rows}
+            assert set(runner.counters.forward_rows) == {rows}
             assert decoded == ([3] if size == 64 else [1, 1, 1])
             for alone, batched in zip(solo, handles):
                 assert max_diff(pixels(alone), pixels(batched)) <= PIXEL_TOLERANCE

@@ -45,7 +45,7 @@ def test_same_image_alone_and_in_a_changing_batch(runner_for, family):
         for index in range(len(solo.jobs)):
             assert max_diff(pixels(solo, index), pixels(batched, index)) <= PIXEL_TOLERANCE
     # The runs really shared forwards: more rows than any single job brings.
-    assert max(runner.stats.forward_rows) >= 6
+    assert max(runner.counters.forward_rows) >= 6
 
 
 def test_same_image_when_submitted_from_many_threads(tiny_root):

@@ -8,7 +8,7 @@ import threading
 import httpx
 import pytest
 
-from kiln.engine.catalogue import CATALOGUE, OCR_CATALOGUE
+from kiln.engine.catalogue import CATALOGUE, OCR_CATALOGUE, ModelSpec
 from kiln.engine.runner import Runner
 from kiln.server.registry import ModelRegistry
 
@@ -129,7 +129,7 @@ class GatedRunner(Runner):
 
 
 def test_wait_ready_false_returns_at_once_and_requests_get_503_until_loaded(server_factory) -> None:
-    registry = ModelRegistry(runner_factory=GatedRunner, retry_after=7)
+    registry = ModelRegistry({ModelSpec: GatedRunner}, retry_after=7)
     server = server_factory(registry)
     http = server.http
     GatedRunner.gate.clear()
@@ -148,7 +148,7 @@ def test_wait_ready_false_returns_at_once_and_requests_get_503_until_loaded(serv
 
 
 def test_terminate_while_loading_waits_for_the_load_then_closes(server_factory) -> None:
-    registry = ModelRegistry(runner_factory=GatedRunner)
+    registry = ModelRegistry({ModelSpec: GatedRunner})
     http = server_factory(registry).http
     GatedRunner.gate.clear()
     http.post("/v1/models?wait_ready=false", json={"model_name": "sd-turbo", "tiny": True, "model_uid": "gone"})
@@ -222,3 +222,53 @@ def test_a_text_encoder_that_cannot_run_quantized_fails_its_launch_not_its_reque
         assert http.post("/v1/images/generations", json={**GENERATE, "model": "flux-4bit"}).status_code == 200
     finally:
         http.delete("/v1/models/flux-4bit")
+
+
+class ForwardingEndpoint:
+    """A ModelEndpoint that is not a Runner: it serves through a real runner it holds, as a replica set behind a
+    distributed front would. Only the protocol's members exist on it."""
+
+    def __init__(self, uid, spec, options, limits):
+        self._runner = Runner(uid, spec, options, limits)
+        self.uid, self.spec, self.options = uid, spec, options
+
+    status = property(lambda self: self._runner.status)
+    error = property(lambda self: self._runner.error)
+    created = property(lambda self: self._runner.created)
+
+    def load(self):
+        self._runner.load()
+
+    def close(self):
+        self._runner.close()
+
+    def submit(self, request, on_preview=None):
+        return self._runner.submit(request, on_preview)
+
+    def abort(self, request_id):
+        return self._runner.abort(request_id)
+
+    def progress(self, request_id):
+        return self._runner.progress(request_id)
+
+    def describe(self):
+        return {**self._runner.describe(), "forwarded": True}
+
+    def stats(self):
+        return self._runner.stats()
+
+
+def test_the_registry_serves_any_model_endpoint(server_factory) -> None:
+    from kiln.engine.endpoint import ModelEndpoint
+
+    registry = ModelRegistry({ModelSpec: ForwardingEndpoint})
+    server = server_factory(registry)
+    assert server.http.post("/v1/models", json={"model_name": "sd-turbo", "tiny": True}).status_code == 200
+    endpoint = registry.runner("sd-turbo")
+    assert isinstance(endpoint, ModelEndpoint) and not isinstance(endpoint, Runner)
+    body = {**GENERATE, "model": "sd-turbo", "request_id": "through-the-protocol"}
+    assert server.http.post("/v1/images/generations", json=body).status_code == 200
+    assert server.http.get("/v1/requests/through-the-protocol/progress").json() == {"progress": 1.0}
+    assert server.http.get("/v1/models/sd-turbo").json()["forwarded"] is True
+    assert 'kiln_images_generated_total{model="sd-turbo"} 1' in server.http.get("/metrics").text
+    assert server.http.delete("/v1/models/sd-turbo").status_code == 200

@@ -364,11 +364,11 @@ def test_recognition_batches_crops_across_requests(manual_runner: OcrRunner) -> 
     handles = [manual_runner.submit(OcrRequest(open_document(png(drawn.image)), parse_ocr_params(spec, {})))
                for _ in range(4)]
     assert manual_runner.queue_depth == 4
-    before = manual_runner.stats.forward_rows.copy()
+    before = manual_runner.counters.forward_rows.copy()
     manual_runner.iterate()  # one step takes all four
     assert all(handle.future.done() for handle in handles)
     assert [handle.result() for handle in handles] == [drawn.text] * 4
-    assert manual_runner.stats.forward_rows - before == {4: 1}  # one recognition forward of four requests' crops
+    assert manual_runner.counters.forward_rows - before == {4: 1}  # one recognition forward of four requests' crops
     assert manual_runner.queue_depth == 0
 
 
