@@ -11,6 +11,7 @@ const MODES = { text2image: "text to image", image2image: "image to image", inpa
 const ENDPOINTS = { text2image: "/v1/images/generations", image2image: "/v1/images/variations",
   inpainting: "/v1/images/inpainting" };
 const PROGRESS_POLL_MS = 250;
+const BLANK = "data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg'/%3E"; // an empty frame until a preview
 
 let config = { samplers: {} };
 let models = [];
@@ -61,7 +62,6 @@ export function setModels(launched) {
 function applyDefaults(model) {
   if (!model) return;
   $("#size").value = mode() === "text2image" ? model.default_size : "";
-  $("#size").placeholder = model.default_size;
   $("#steps").value = model.default_steps;
   $("#guidance").value = model.default_guidance_scale;
   const samplers = config.samplers[model.model_name] || ["default"];
@@ -99,7 +99,7 @@ function parameters() {
     model: $("#model").value || undefined,
     prompt: $("#prompt").value,
     negative_prompt: $("#negative-prompt").value || undefined,
-    size: field("#size"),
+    size: $("#size").value.trim() || undefined,
     num_inference_steps: field("#steps"),
     guidance_scale: field("#guidance"),
     sampler_name: $("#sampler").value || undefined,
@@ -128,9 +128,9 @@ async function body(params) {
 }
 
 async function generate() {
+  const requestMode = mode();
   const params = parameters();
   const payload = await body(params);
-  const requestMode = mode();
   // Invalid input is refused before the stream starts: the error area shows it and no card is made.
   const response = await request(ENDPOINTS[requestMode], { method: "POST", ...payload });
   const card = new ResultCard(params, requestMode);
@@ -174,7 +174,7 @@ class ResultCard {
     ].filter(Boolean).join(" · ");
     this.bar = el("progress", { max: 1, value: 0, "aria-label": "Progress" });
     this.percent = el("span", { class: "percent" }, "0%");
-    this.figures = Array.from({ length: count }, (_, index) => new ImageFigure(index, params));
+    this.figures = Array.from({ length: count }, (_, index) => new ImageFigure(index));
     this.node = el("li", { class: "request", "aria-label": `Request: ${params.prompt || "(no prompt)"}` },
       el("p", { class: "prompt" }, params.prompt || "(no prompt)"),
       el("p", { class: "params" }, details),
@@ -216,10 +216,9 @@ class ResultCard {
 
 /** One image of a request: latest preview, then the final image with its seed, download link and reuse. */
 class ImageFigure {
-  constructor(index, params) {
+  constructor(index) {
     this.index = index;
-    this.format = params.output_format || "png";
-    this.image = el("img", { alt: `Image ${index + 1}, waiting`, class: "pending" });
+    this.image = el("img", { alt: `Image ${index + 1}, waiting`, class: "pending", src: BLANK });
     this.previews = el("div", { class: "previews", "aria-label": `Previews of image ${index + 1}` });
     this.caption = el("figcaption", {}, el("span", { class: "seed" }, "seed …"));
     this.node = el("figure", { class: "image" }, this.image, this.caption, this.previews);
@@ -227,7 +226,7 @@ class ImageFigure {
 
   preview(event) {
     const number = event.partial_image_index + 1;
-    const src = dataUrl(event.b64_json, this.format);
+    const src = dataUrl(event.b64_json, event.output_format);
     this.image.src = src;
     this.image.alt = `Preview ${number}, image ${this.index + 1}`;
     this.image.className = "preview";
@@ -235,7 +234,7 @@ class ImageFigure {
   }
 
   complete(event) {
-    const src = dataUrl(event.b64_json, event.output_format || this.format);
+    const src = dataUrl(event.b64_json, event.output_format);
     this.image.src = src;
     this.image.alt = `Image ${this.index + 1}, seed ${event.seed}`;
     this.image.className = "final";
@@ -243,7 +242,7 @@ class ImageFigure {
       onclick: () => { $("#seed").value = event.seed; $("#seed").focus(); } }, "Reuse seed");
     this.caption.replaceChildren(
       el("span", { class: "seed" }, `seed ${event.seed}`),
-      el("a", { href: src, download: `kiln-${event.seed}.${event.output_format || this.format}`,
+      el("a", { href: src, download: `kiln-${event.seed}.${event.output_format}`,
         "aria-label": `Download image ${this.index + 1}, seed ${event.seed}` }, "Download"),
       reuse);
   }
