@@ -5,7 +5,7 @@ import { getJson, hasKey, setKey } from "./api.js";
 import { startBatchPanel } from "./batch.js";
 import { $, clearError, guarded, showError } from "./dom.js";
 import { setConfig, setModels, setUpGenerate } from "./generate.js";
-import { onModels, refresh, setUpLaunch } from "./models.js";
+import { current, onModels, refresh, setUpLaunch } from "./models.js";
 import { setOcrModels, setUpOcr } from "./ocr.js";
 
 function askForKey() {
@@ -21,6 +21,13 @@ function showKeySet() {
 
 let launchReady = false;
 
+/** Refresh the model list when /metrics names other models than the page knows (launched or terminated
+ * elsewhere). */
+function followModels(uids) {
+  const known = current().map((model) => model.id).sort().join("\n");
+  if (uids.sort().join("\n") !== known) guarded(refresh);
+}
+
 /** Load everything that needs the API (and so the key). */
 async function connect() {
   try {
@@ -32,7 +39,7 @@ async function connect() {
       launchReady = true;
     }
     showKeySet();
-    startBatchPanel();
+    startBatchPanel(followModels);
   } catch (error) {
     if (error.status === 401) askForKey();
     throw error;

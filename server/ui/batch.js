@@ -43,27 +43,30 @@ function draw(models, at) {
       el("td", { class: "active" }, el("span", { class: "count" }, String(active)), " ", squares),
       el("td", { class: "rows" }, rows === null ? "—" : rows.toFixed(1)),
       el("td", { class: "steps" }, stepsPerSecond === null ? "—" : stepsPerSecond.toFixed(1)),
-      el("td", { class: "images" }, String(now.kiln_images_generated_total ?? 0)),
+      el("td", { class: "generated" }, String(now.kiln_images_generated_total ?? 0)),
       el("td", { class: "peak" }, String(peaks.get(uid))));
   });
   $("#batch-table tbody").replaceChildren(...rowsOut);
 }
 
-async function poll() {
+async function poll(onUids) {
   if (document.hidden) return;
+  let models;
   try {
-    const models = parseMetrics(await getText("/metrics"));
-    const at = performance.now();
-    draw(models, at);
-    last = { at, models };
+    models = parseMetrics(await getText("/metrics"));
   } catch {
-    // a missing key or a restarting server: the rest of the page reports it; try again next poll
+    return; // a missing key or a restarting server: the rest of the page reports it; try again next poll
   }
+  const at = performance.now();
+  draw(models, at);
+  last = { at, models };
+  onUids(Object.keys(models));
 }
 
 let timer = null;
 
-export function startBatchPanel() {
-  poll();
-  timer ??= setInterval(poll, POLL_MS);
+/** Poll /metrics; `onUids` gets the model uids it lists (so the page notices models launched elsewhere). */
+export function startBatchPanel(onUids) {
+  poll(onUids);
+  timer ??= setInterval(() => poll(onUids), POLL_MS);
 }

@@ -33,7 +33,7 @@ MODELS = {
 EXPECTED_CONSOLE = re.compile(r"Failed to load resource: the server responded with a status of (4\d\d)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ui_server(tiny_root) -> Iterator[RunningServer]:
     running = start_server()
     try:
@@ -45,7 +45,7 @@ def ui_server(tiny_root) -> Iterator[RunningServer]:
         running.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def playwright_session():
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent: install Debian's chromium (apt-get install chromium), as .ci/run does")

@@ -30,8 +30,12 @@ def test_launch_a_model_with_options_use_it_and_terminate_it(page, ui_server) ->
     expect(row.locator(".status")).to_have_text("ready")
     expect(row).to_contain_text("sdxl-turbo")
     expect(row.locator("td").nth(3)).to_have_text("4")  # max batch, as launched
-    options = ui_server.http.get("/v1/models/ui-sdxl").json()["launch_options"]
+    described = ui_server.http.get("/v1/models/ui-sdxl").json()
+    options = described["launch_options"]
     assert options["tiny"] is True and options["backend"] == "eager" and options["max_batch_size"] == 4
+    # Memory, when the description has it: "—" until then.
+    memory = re.compile(r"^\d+(\.\d)? (B|KiB|MiB|GiB|TiB)$") if described.get("memory_bytes") is not None else "—"
+    expect(row.locator("td").nth(4)).to_have_text(memory)
     screenshot(page, "models")
 
     # The new model is in the picker and generates.
@@ -43,6 +47,17 @@ def test_launch_a_model_with_options_use_it_and_terminate_it(page, ui_server) ->
     expect(row).to_have_count(0)
     expect(page.get_by_label("Model", exact=True).locator('option[value="ui-sdxl"]')).to_have_count(0)
     assert "ui-sdxl" not in [model["id"] for model in ui_server.http.get("/v1/models").json()["data"]]
+
+
+def test_models_launched_and_terminated_by_other_clients_show_up(page, ui_server) -> None:
+    open_playground(page, ui_server.url)
+    launched = ui_server.http.post("/v1/models", json={"model_name": "sd-turbo", "model_uid": "elsewhere", "tiny": True})
+    assert launched.status_code == 200, launched.text
+    row = page.get_by_role("region", name="Models").locator('tr[data-uid="elsewhere"]')
+    expect(row.locator(".status")).to_have_text("ready")
+    expect(page.get_by_label("Model", exact=True).locator('option[value="elsewhere"]')).to_have_count(1)
+    assert ui_server.http.delete("/v1/models/elsewhere").status_code == 200
+    expect(row).to_have_count(0)
 
 
 def test_a_bad_launch_option_shows_the_servers_message(page, ui_server) -> None:
@@ -82,5 +97,5 @@ def test_with_api_keys_the_page_asks_for_a_key_and_sends_it(keyed_server, page) 
     fill_generate(page, prompt="behind a key")
     page.get_by_role("button", name="Generate").click()
     expect(final_images(page)).to_have_count(1)
-    batch = page.get_by_role("region", name="Batch at work").locator('tr[data-model="sd-turbo"] .images')
+    batch = page.get_by_role("region", name="Batch at work").locator('tr[data-model="sd-turbo"] .generated')
     expect(batch).to_have_text(re.compile(r"^[1-9]\d*$"))  # /metrics answered with the key
