@@ -46,6 +46,16 @@ def test_generate_shows_the_image_with_its_seed_and_reuse_seed_reproduces_it(pag
     screenshot(page, "generate")
 
 
+def test_n_images_each_come_with_their_own_seed(page, ui_server) -> None:
+    open_playground(page, ui_server.url)
+    fill_generate(page, prompt="two foxes")
+    page.get_by_label("Seed", exact=True).fill("7")
+    page.get_by_label("Images", exact=True).fill("2")
+    page.get_by_role("button", name="Generate").click()
+    expect(final_images(page)).to_have_count(2)
+    assert [image.get_attribute("alt") for image in final_images(page).all()] == ["Image 1, seed 7", "Image 2, seed 8"]
+
+
 RECORD = """() => {
   window.seen = [];
   new MutationObserver((changes) => {
