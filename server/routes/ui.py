@@ -8,6 +8,7 @@ this holds a secret, so API keys do not guard it (`server.app.ApiKeyAuth`): the 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from starlette.requests import Request
@@ -39,8 +40,7 @@ async def page(request: Request) -> Response:
 async def config(request: Request) -> Response:
     limits = context.settings(request).limits
     return JSONResponse({
-        "samplers": {name: list(sampler_names(spec.is_flow)) for name, spec in CATALOGUE.items()},
-        "limits": {"max_images": limits.max_images, "max_prompt_chars": limits.max_prompt_chars,
-                   "max_partial_images": limits.max_partial_images},
+        "samplers": {name: list(sampler_names(spec.family.flow)) for name, spec in CATALOGUE.items()},
+        "limits": dataclasses.asdict(limits),
         "launch": {"backends": list(BACKENDS), "dtypes": list(DTYPES)},
     })

@@ -40,6 +40,8 @@ export function setConfig(value) {
   config = value;
   $("#n").max = value.limits.max_images;
   $("#partial-images").max = value.limits.max_partial_images;
+  $("#steps").max = value.limits.max_steps;
+  $("#guidance").max = value.limits.max_guidance;
 }
 
 /** Refill the picker with the launched image models; keep the choice, else take the first text-to-image one. */

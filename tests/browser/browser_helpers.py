@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-WAIT_MS = 60_000  # liveness bound for every wait on the page (a slow 2-core machine), not a timing assertion
+WAIT_MS = 30_000  # liveness bound for every wait on the page (a slow 2-core machine), not a timing assertion
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 SEED = re.compile(r"seed (\d+)")
 FINAL_IMAGE = re.compile(r"^Image \d+, seed \d+$")
@@ -23,12 +23,14 @@ def screenshot(page, name: str) -> None:
 
 
 def open_playground(page, url: str) -> None:
-    """Open the server's root (it redirects to /ui) and wait until the models are listed."""
+    """Open the server's root (it redirects to /ui) and wait until the models are listed; fail at once with the
+    page's message if it shows an error instead."""
     from playwright.sync_api import expect
 
     page.goto(f"{url}/")
     expect(page).to_have_url(f"{url}/ui")
-    expect(page.locator("#models-table tbody tr[data-uid]").first).to_be_visible()
+    page.locator("#models-table tbody tr[data-uid], #errors:not([hidden])").first.wait_for()
+    assert page.locator("#errors").is_hidden(), page.locator("#errors").inner_text()
 
 
 def fill_generate(page, *, model: str | None = None, mode: str | None = None, prompt: str = "a red fox",

@@ -4,7 +4,10 @@ tested in a browser in tests/browser."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from kiln.engine.catalogue import CATALOGUE
+from kiln.engine.schema import Limits
 from kiln.server.app import Settings
 from kiln.server.routes.ui import UI_DIR
 
@@ -31,7 +34,7 @@ def test_config_lists_each_catalogue_models_samplers_and_the_limits(server_facto
     assert set(config["samplers"]) == set(CATALOGUE)
     assert config["samplers"]["FLUX.1-schnell"] == ["default", "Euler"]
     assert "DPM++ 2M Karras" in config["samplers"]["stable-diffusion-v1.5"]
-    assert config["limits"] == {"max_images": 10, "max_prompt_chars": 4000, "max_partial_images": 3}
+    assert config["limits"] == dataclasses.asdict(Limits())
     assert "onnx" in config["launch"]["backends"] and "float32" in config["launch"]["dtypes"]
 
 
