@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Mapping
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.engine.images import ImageStore
@@ -29,7 +29,7 @@ from kiln.engine.schema import Limits
 from .errors import EXCEPTION_HANDLERS, ApiError, error_response
 from .metrics import LatencyMiddleware, RequestLatency
 from .registry import ModelRegistry
-from .routes import images, models, ocr, requests, system
+from .routes import images, models, ocr, requests, system, ui
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9997  # Xinference's
@@ -46,11 +46,11 @@ class Settings:
     file_ttl_seconds: float = 3600.0  # how long `url` images stay fetchable
     file_dir: str | None = None  # where they are kept; None: a fresh temporary directory
     retry_after_seconds: int = 5  # sent with 429 (queue full) and 503 (model loading)
-    api_keys: frozenset[str] = frozenset()  # non-empty: every route but /status and /v1/cluster/auth needs one
+    api_keys: frozenset[str] = frozenset()  # non-empty: every route but /status, /v1/cluster/auth, /ui needs one
     launch: tuple[Mapping[str, Any], ...] = ()  # launch bodies (as POST /v1/models) started at startup
 
 
-def routes() -> list[Route]:
+def routes() -> list[BaseRoute]:
     """The routing table."""
     return [
         Route("/v1/images/generations", images.generations, methods=["POST"]),
@@ -70,6 +70,10 @@ def routes() -> list[Route]:
         Route("/v1/cluster/auth", system.cluster_auth, methods=["GET"]),
         Route("/status", system.status, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),
+        Route("/", ui.home, methods=["GET"]),
+        Route("/ui", ui.page, methods=["GET"], name="ui"),
+        Route("/ui/config.json", ui.config, methods=["GET"]),
+        Mount("/ui", ui.static_files()),
     ]
 
 
@@ -157,17 +161,19 @@ class BodyLimit:
 
 
 class ApiKeyAuth:
-    """With API keys configured, every route but the health and auth probes needs `Authorization: Bearer
-    <key>` (what both OpenAI's SDK and Xinference's client send)."""
+    """With API keys configured, every route but the health and auth probes and the playground's page and files
+    needs `Authorization: Bearer <key>` (what both OpenAI's SDK and Xinference's client send)."""
 
-    OPEN_PATHS = frozenset({"/status", "/v1/cluster/auth"})
+    OPEN_PATHS = frozenset({"/status", "/v1/cluster/auth", "/", "/ui"})
+    OPEN_PREFIX = "/ui/"  # the playground's files hold no secrets; the page asks for a key and sends it
 
     def __init__(self, app: ASGIApp, keys: frozenset[str]):
         self.app = app
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not self.keys or path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIX):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
