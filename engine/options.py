@@ -14,6 +14,8 @@ from kiln.engine.backends import BACKEND_NAMES, package_unavailable
 from kiln.engine.catalogue import ModelSpec
 from kiln.engine.coerce import Unparsable, is_none_word, to_bool, to_int
 from kiln.engine.errors import InvalidRequest
+from kiln.engine.lora_options import OPTION_NAMES as LORA_OPTIONS
+from kiln.engine.lora_options import LoraOptions, parse_lora_options
 
 DTYPES = ("float32", "float16", "bfloat16")
 HALF_DTYPES = frozenset({"float16", "bfloat16"})
@@ -43,6 +45,7 @@ class LaunchOptions:
     max_batch_size: int | None = None  # active jobs (images) at most; None ("auto"): from free GPU memory, 16 on CPU
     max_queue_size: int = 256  # jobs waiting for admission
     backend: str = "auto"  # auto: tensorrt with a cached engine, else compile on a GPU, else eager
+    lora: LoraOptions = LoraOptions()  # peft_model_config, max_loras, lora_dir, ... (engine/lora_options.py)
 
 
 def resolve_dtype(spec: ModelSpec, options: LaunchOptions, device_type: str) -> str:
@@ -170,12 +173,14 @@ _OPTIONS: Mapping[str, tuple[str, Callable[[str, object], object]]] = {
 
 def parse_launch_options(spec: ModelSpec, raw: Mapping[str, object]) -> LaunchOptions:
     """Merge the catalogue's default launch options under `raw` and validate the result against the model."""
-    unknown = sorted(set(raw) - set(_OPTIONS))
+    unknown = sorted(set(raw) - set(_OPTIONS) - set(LORA_OPTIONS))
     if unknown:
-        raise LaunchOptionError(f"unknown launch option {unknown[0]!r}; accepted: {', '.join(_OPTIONS)}",
-                                unknown[0])
-    fields = {}
+        raise LaunchOptionError(f"unknown launch option {unknown[0]!r}; accepted: "
+                                f"{', '.join([*_OPTIONS, *LORA_OPTIONS])}", unknown[0])
+    fields: dict[str, object] = {"lora": parse_lora_options({k: v for k, v in raw.items() if k in LORA_OPTIONS})}
     for name, value in {**spec.default_launch, **raw}.items():
+        if name in LORA_OPTIONS:
+            continue
         field_name, parse = _OPTIONS[name]
         fields[field_name] = parse(name, value)
     options = LaunchOptions(**fields)

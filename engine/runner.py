@@ -10,12 +10,15 @@ thread alone, so no lock is held around model code.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from dataclasses import replace
+from typing import Callable, Mapping
 
 import torch
 
 from .backends.launch import launch_backend
+from .backends import SPECIFIC_BACKENDS
 from .catalogue import ModelSpec
+from .endpoint import EndpointStats
 from .errors import EngineError, InvalidRequest, QueueFull
 from .execution import Executor
 from .families import make_family
@@ -33,6 +36,18 @@ log = logging.getLogger("kiln.engine")
 StepObserver = Callable[[StepPlan, StepResult], None]
 
 
+def unsupported_backends(parts: list[Part]) -> Mapping[str, str]:
+    """Backend -> why this launch's parts cannot run on it (from each part's `backends`)."""
+    reasons = {}
+    for part in parts:
+        if part.backends is not None:
+            for backend in SPECIFIC_BACKENDS:
+                if backend not in part.backends:
+                    reasons.setdefault(backend, part.backends_note or f"{part.name} runs on "
+                                       f"{' or '.join(sorted(part.backends))} only")
+    return reasons
+
+
 class Runner(ModelWorker):
     """One launched image model. `load()` blocks; `submit()` is safe from any thread."""
 
@@ -41,7 +56,8 @@ class Runner(ModelWorker):
     def __init__(self, uid: str, spec: ModelSpec, options: LaunchOptions, limits: Limits = Limits()):
         super().__init__(uid, spec, options)
         self.limits = limits
-        self.scheduler = Scheduler(options.max_batch_size or CPU_BATCH_SIZE, options.max_queue_size)  # set by load
+        self.scheduler = Scheduler(options.max_batch_size or CPU_BATCH_SIZE, options.max_queue_size,  # set by load
+                                   admission=self._admission)
         self.loaded: LoadedModel | None = None
         self.executor: Executor | None = None
         self.parts: list[Part] = []
@@ -63,12 +79,15 @@ class Runner(ModelWorker):
             family = make_family(self.spec.family, self.loaded.pipeline, self.loaded.device, self.loaded.dtype)
             budget = batch_budget(family, self.options.max_batch_size, self.spec.default_size)
             self.scheduler.max_batch_size = budget.max_batch_size
+            # Parts before the backend, which compiles or exports what they change (LoRA slot layers, fused LoRAs).
+            self.parts = make_parts(self.spec, replace(self.options, max_batch_size=budget.max_batch_size), family)
+            for part in self.parts:
+                part.wake = self._wake
             self.backend_info = launch_backend(
                 self.options.backend, family, model=self.spec.name, source=self.loaded.source,
                 max_batch_size=budget.max_batch_size, warmup_size=warmup_size or self.spec.default_size,
-                cpu_offload=self.options.cpu_offload,
+                cpu_offload=self.options.cpu_offload, unsupported=unsupported_backends(self.parts),
             )
-            self.parts = make_parts(self.spec, self.options, family)
             self.executor = Executor(family, budget, self.parts)
 
         self._load_and_start(load, start)
@@ -128,7 +147,11 @@ class Runner(ModelWorker):
         return self.scheduler.active_count
 
     def describe(self) -> dict:
-        return {**super().describe(), "backend": self.backend_info, "memory_bytes": self.memory_bytes}
+        parts = {part.name: info for part in self.parts if (info := part.describe()) is not None}
+        return {**super().describe(), "backend": self.backend_info, "memory_bytes": self.memory_bytes, **parts}
+
+    def stats(self) -> EndpointStats:
+        return replace(super().stats(), extra=tuple(metric for part in self.parts for metric in part.metrics()))
 
     @property
     def memory_bytes(self) -> int | None:
@@ -145,6 +168,14 @@ class Runner(ModelWorker):
 
     def _cancel(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
+
+    def _admission(self):
+        """The scheduler's admission round: the gates of the parts that may hold jobs back (a LoRA not yet in a
+        slot), each asked about the jobs that use it."""
+        gates = [(part, gate) for part in self.parts if (gate := part.admission()) is not None]
+        if not gates:
+            return None
+        return lambda job: all(gate(job) for part, gate in gates if part.used_by(job.request))
 
     def _loop(self) -> None:
         while not self._stopping.is_set():

@@ -24,6 +24,7 @@ from .catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE, ModelSpec
 from .coerce import Unparsable, is_none_word, to_bool, to_float, to_int, to_json_object, to_text
 from .errors import InvalidRequest
 from .images import FORMATS
+from .lora_options import MAX_SCALE, read_loras
 from .requests import MAX_SEED, ImageRequest
 from .samplers import sampler_names
 
@@ -80,6 +81,10 @@ BOOLEAN = Kind(to_bool, {"type": "boolean"})
 TEXT = Kind(to_text, {"type": "string"})
 PROMPT = Kind(_to_prompt, {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]})
 SEED = Kind(_to_seed, {"oneOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}}]})
+_LORA_ITEM = {"type": "object", "required": ["name"],
+              "properties": {"name": {"type": "string"}, "scale": {"type": "number", "minimum": -MAX_SCALE,
+                                                                   "maximum": MAX_SCALE}}}
+LORAS = Kind(read_loras, {"oneOf": [_LORA_ITEM, {"type": "array", "items": _LORA_ITEM}]})
 
 Bound = float | str | None  # a number, or the name of a Limits field
 
@@ -160,6 +165,11 @@ PARAMETERS: Mapping[str, Parameter] = {p.name: p for p in (
     Parameter("stream", BOOLEAN, "Server-sent events with partial images, OpenAI's streaming form."),
     Parameter("partial_images", INTEGER, "Previews streamed while denoising (with stream).", 0,
               "max_partial_images"),
+    Parameter("lora", LORAS, "LoRAs: {name, scale} or a list of them; [] is none; absent: the launch default.",
+              part="lora"),
+    Parameter("lora_name", TEXT, "One LoRA by name (with lora_scale), as Dify's Xinference plugin asks.",
+              part="lora"),
+    Parameter("lora_scale", NUMBER, "The scale of lora_name (default 1).", -MAX_SCALE, MAX_SCALE, part="lora"),
 )}
 
 

@@ -246,7 +246,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_tiny_build(args: argparse.Namespace) -> int:
     from kiln.engine.tiny import build_all
 
-    for path in build_all(args.directory, args.model or None):
+    for path in build_all(args.directory, args.model or None, loras=not args.no_loras):
         print(path)
     return 0
 
@@ -315,10 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("tiny", help="tiny random-weight checkpoints")
     tiny_commands = tiny.add_subparsers(dest="tiny_command", required=True, metavar="COMMAND")
-    build = tiny_commands.add_parser("build", help="build tiny checkpoints into DIR/<name>")
+    build = tiny_commands.add_parser("build", help="build tiny checkpoints into DIR/<name> and their LoRAs into "
+                                     "DIR/loras/<name>")
     build.add_argument("directory", type=Path, metavar="DIR")
     build.add_argument("--model", nargs="+", choices=list(CATALOGUE), metavar="NAME",
                        help="catalogue names (default: all)")
+    build.add_argument("--no-loras", action="store_true", help="skip the tiny LoRAs (DIR/loras/<name>/)")
     build.set_defaults(handler=cmd_tiny_build)
 
     _add_contributed_commands(commands)

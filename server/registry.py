@@ -46,7 +46,8 @@ ENDPOINT_KINDS: Mapping[type, EndpointKind] = {
 }
 _UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Fields the xinference client sends on every launch -> the values Kiln can honour (None always can; the
-# model's own engine is always accepted as model_engine).
+# model's own engine is always accepted as model_engine). Its peft_model_config is a launch option
+# (engine/lora_options.py).
 _CLIENT_FIELDS: Mapping[str, tuple[Any, ...]] = {
     "model_engine": (),
     "model_size_in_billions": (),
@@ -59,7 +60,6 @@ _CLIENT_FIELDS: Mapping[str, tuple[Any, ...]] = {
     "worker_ip": (),
     "gpu_idx": (),
     "replica_config": ({},),
-    "peft_model_config": ({},),
     "download_hub": (),
     "enable_thinking": (False,),
     "enable_virtual_env": (False,),

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from kiln.kernels import attention
 
@@ -25,12 +25,13 @@ log = logging.getLogger("kiln.engine")
 
 def weights_fingerprint(family: Any, source: str | None, cache: Any) -> str:
     """A fingerprint of the denoiser's weights: its checkpoint folder's files when there is one, else its
-    tensors."""
+    tensors; plus what changed them after loading (fused LoRAs: `family.weights_tag`)."""
+    tag = f"+{family.weights_tag}" if family.weights_tag else ""
     if source:
         folder = Path(source) / family.spec.denoiser
         if folder.is_dir():
-            return folder_fingerprint(folder, memo_root=cache.root / "fingerprints")
-    return module_fingerprint(family.denoiser.model)
+            return folder_fingerprint(folder, memo_root=cache.root / "fingerprints") + tag
+    return module_fingerprint(family.denoiser.model) + tag
 
 
 def export_sizes(stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -54,9 +55,12 @@ def onnx_export_for(family: Any, model: str, source: str | None, cache: Any):
 
 def make_backend(requested: str, family: Any, *, model: str, source: str | None = None,
                  max_batch_size: int = 16, sizes: list[tuple[int, int]] | None = None, cpu_offload: bool = False,
-                 cache: Any = None, compiler: str | None = None, compile_mode: str | None = None):
+                 cache: Any = None, compiler: str | None = None, compile_mode: str | None = None,
+                 unsupported: Mapping[str, str] | None = None):
     """The backend `requested` (or chosen by `auto`) for the family's denoiser; raises BackendUnavailable (a
-    ModelLoadError) with the reason when it cannot run here. Installs the attention processors first."""
+    ModelLoadError) with the reason when it cannot run here. `unsupported` maps backends this launch's parts
+    cannot run on to why (auto skips them). Installs the attention processors first."""
+    unsupported = unsupported or {}
     if requested not in BACKEND_NAMES:
         raise BackendUnavailable(f"unknown backend {requested!r}; accepted: {', '.join(BACKEND_NAMES)}")
     denoiser = unwrap(family.denoiser)
@@ -71,12 +75,15 @@ def make_backend(requested: str, family: Any, *, model: str, source: str | None 
     if requested == "auto":
         name = "eager"
         if device.type == "cuda" and not cpu_offload:
-            engine_entry = _cached_engine(family, model, source, cache, sizes, rows)
+            if "tensorrt" not in unsupported:
+                engine_entry = _cached_engine(family, model, source, cache, sizes, rows)
             name = "tensorrt" if engine_entry is not None else "compile"
-            if name == "compile" and compile_unavailable("cuda", compiler):
+            if name == "compile" and (compile_unavailable("cuda", compiler) or "compile" in unsupported):
                 name = "eager"
         log.info("backend auto -> %s", name)
     else:
+        if name in unsupported:
+            raise BackendUnavailable(f"backend {name!r} cannot run this launch: {unsupported[name]}")
         if cpu_offload and name != "eager":
             raise BackendUnavailable(f"backend {name!r} cannot run with cpu_offload, which moves the denoiser "
                                      "between devices at every forward; launch with backend='eager'")
@@ -123,12 +130,12 @@ def _build_engine_now(family, model, source, cache, sizes, rows):
 
 def launch_backend(requested: str, family: Any, *, model: str, source: str | None,
                    max_batch_size: int, warmup_size: tuple[int, int], cpu_offload: bool = False,
-                   cache: Any = None) -> dict[str, Any]:
+                   cache: Any = None, unsupported: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What the runner calls after loading: make the backend, put it in place of `family.denoiser`, warm it
     up at `warmup_size` (compile: every bucket), and return its description (backend, warm-up seconds, ...)."""
     started = time.perf_counter()
-    backend = make_backend(requested, family, model=model, source=source,
-                           max_batch_size=max_batch_size, sizes=[warmup_size], cpu_offload=cpu_offload, cache=cache)
+    backend = make_backend(requested, family, model=model, source=source, max_batch_size=max_batch_size,
+                           sizes=[warmup_size], cpu_offload=cpu_offload, cache=cache, unsupported=unsupported)
     prepared = time.perf_counter() - started
     family.denoiser = backend
     seconds = backend.warmup(ExampleInputs(family, *warmup_size), max_rows(family, max_batch_size))

@@ -33,6 +33,7 @@ class FamilySpec:
     denoiser: str  # the pipeline component that denoises: its weights folder
     adapter: str  # "module:Class" of the torch adapter, relative to this package
     max_sequence_length: int | None = None  # T5 tokens, fixed so that the text shape never splits a lane
+    lora_loader: str = ""  # the diffusers LoRA loader mixin whose lora_state_dict reads this family's LoRA files
 
     @property
     def rows_per_job(self) -> int:
@@ -54,25 +55,27 @@ SD = FamilySpec(
     pipelines=_pipelines("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
                          "StableDiffusionInpaintPipeline"),
     text_encoders=("text_encoder",), denoiser="unet", adapter="sd:SDFamily",
+    lora_loader="StableDiffusionLoraLoaderMixin",
 )
 SDXL = FamilySpec(
     name="sdxl", stride=8, flow=False, cfg=True,
     pipelines=_pipelines("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                          "StableDiffusionXLInpaintPipeline"),
     text_encoders=("text_encoder", "text_encoder_2"), denoiser="unet", adapter="sdxl:SDXLFamily",
+    lora_loader="StableDiffusionXLLoraLoaderMixin",
 )
 SD3 = FamilySpec(
     name="sd3", stride=16, flow=True, cfg=True,
     pipelines=_pipelines("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                          "StableDiffusion3InpaintPipeline"),
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"), denoiser="transformer",
-    adapter="sd3:SD3Family", max_sequence_length=256,
+    adapter="sd3:SD3Family", max_sequence_length=256, lora_loader="SD3LoraLoaderMixin",
 )
 FLUX = FamilySpec(
     name="flux", stride=16, flow=True, cfg=False,
     pipelines=_pipelines("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
     text_encoders=("text_encoder", "text_encoder_2"), denoiser="transformer", adapter="flux:FluxFamily",
-    max_sequence_length=512,
+    max_sequence_length=512, lora_loader="FluxLoraLoaderMixin",
 )
 
 FAMILY_SPECS: Mapping[str, FamilySpec] = MappingProxyType({spec.name: spec for spec in (SD, SDXL, SD3, FLUX)})

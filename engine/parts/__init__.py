@@ -6,6 +6,8 @@ model's resources for the feature (a ControlNet's weights, LoRA slots). The exec
 scheduler thread, for the jobs that use it (`used_by`), in the order of `PART_TYPES`:
 
     check(request)         at submit, any thread: refuse what this model cannot do for the request (400)
+    admission()            each scheduling round: a gate that may keep a waiting job waiting (a LoRA not yet
+                           resident); `release(job_id)` when an admitted job leaves
     lane_key(request)      at submit: what the part adds to the job's lane key (None: it shares lanes)
     encoder_context(req)   at admission: what changes how the job's prompts encode (the prompt cache keys on
                            it); `encoding(context)` is entered around the encoder call for those prompts
@@ -25,9 +27,10 @@ from typing import Any
 from .base import Part
 from .init_image import InitImage
 from .inpaint import InpaintBlend
+from .lora import LoraPart
 
 # Every part type, in hook order: the inpainting blend builds on the image-to-image start.
-PART_TYPES: tuple[type[Part], ...] = (InitImage, InpaintBlend)
+PART_TYPES: tuple[type[Part], ...] = (InitImage, InpaintBlend, LoraPart)
 
 __all__ = ["PART_TYPES", "Part", "make_parts"]
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, ContextManager, Hashable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable
 
 if TYPE_CHECKING:
     from ..execution import ForwardBatch, JobState
-    from ..requests import ImageRequest
+    from ..requests import ImageRequest, JobSpec
 
 
 class Part:
@@ -15,10 +15,12 @@ class Part:
 
     name = ""
     backends: frozenset[str] | None = None
+    backends_note = ""  # why, for the launch error on another backend
 
     def __init__(self, family: Any, options: Any):
         self.family = family
         self.options = options
+        self.wake: Callable[[], None] = lambda: None  # set by the runner: makes its loop look at waiting jobs again
 
     @classmethod
     def enabled(cls, spec: Any, options: Any) -> bool:
@@ -30,6 +32,24 @@ class Part:
 
     def check(self, request: "ImageRequest") -> None:
         """Raise InvalidRequest for a request this model cannot run with this part."""
+
+    def admission(self) -> Callable[["JobSpec"], bool] | None:
+        """One round of admission (the scheduler's, in queue order): a gate saying whether a waiting job may
+        start now. False keeps it waiting (call `wake` once what it waits for is ready); True reserves what the
+        job needs until `release`. None: this part never holds a job back."""
+        return None
+
+    def release(self, job_id: int) -> None:
+        """The job left the executor (finished, failed or dropped), whether or not it used this part; may come
+        more than once."""
+
+    def describe(self) -> dict[str, Any] | None:
+        """What `GET /v1/models/{uid}` shows about this part (None: nothing)."""
+        return None
+
+    def metrics(self) -> tuple[tuple[str, str, float], ...]:
+        """Extra /metrics figures: (name, help, value); names ending in _total are counters."""
+        return ()
 
     def lane_key(self, request: "ImageRequest") -> Hashable | None:
         return None
