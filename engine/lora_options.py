@@ -4,7 +4,8 @@
                          "image_lora_load_kwargs": {...}, "image_lora_fuse_kwargs": {"lora_scale": 0.8}}
     max_loras (0: fused, as Xinference; N: per-row mode with N resident slots), max_lora_rank (64),
     max_cpu_loras (parsed adapters kept in host memory), max_loras_per_request (3),
-    lora_dir (a folder of .safetensors files, names = stems, loaded on first use), lora_default (all | none)
+    lora_dir (a folder of .safetensors files, names = stems, loaded on first use), lora_default (all | none),
+    lora_batching (mixed | per-config: the peers' one lane per LoRA set, to compare against)
 
 Everything a launch body can get wrong is refused here with the option's name, before anything loads; what needs
 the model (a file that does not fit it) is checked at load by `engine.parts.lora`.
@@ -23,13 +24,16 @@ from kiln.engine.errors import InvalidRequest
 
 MAX_SCALE = 10.0  # |scale| bound of a request's LoRA (and of a launch's default scale)
 DEFAULTS = ("all", "none")
+# How per-row mode batches: rows with different LoRAs in one forward (Kiln's way), or one lane per LoRA set (the
+# peers' way: vLLM-Omni, tt-inference-server, llama.cpp), kept as a switch to measure the difference.
+BATCHING = ("mixed", "per-config")
 # lora_state_dict's keywords that a launch may pass through image_lora_load_kwargs (low_cpu_mem_usage has no
 # effect here: Kiln never builds peft layers); image_lora_fuse_kwargs follows diffusers' fuse_lora.
 LOAD_KWARGS = frozenset({"weight_name", "subfolder", "use_safetensors", "local_files_only", "cache_dir", "revision",
                          "low_cpu_mem_usage"})
 FUSE_KWARGS = frozenset({"lora_scale", "safe_fusing", "adapter_names", "components"})
 OPTION_NAMES = ("peft_model_config", "max_loras", "max_lora_rank", "max_cpu_loras", "max_loras_per_request",
-                "lora_dir", "lora_default")
+                "lora_dir", "lora_default", "lora_batching")
 
 
 class LoraOptionError(InvalidRequest):
@@ -78,10 +82,11 @@ class LoraOptions:
     safe_fusing: bool = False
     max_loras: int = 0
     max_lora_rank: int = 64
-    max_cpu_loras: int = 0  # resolved: at least max_loras, max_loras_per_request and 1
+    max_cpu_loras: int = 0  # resolved: at least max_loras, max_loras_per_request and the launch list
     max_loras_per_request: int = 3
     lora_dir: str | None = None
     lora_default: str = "all"
+    lora_batching: str = "mixed"
 
     @property
     def per_row(self) -> bool:
@@ -201,10 +206,14 @@ def _lora_dir(value: Any) -> str | None:
     return path
 
 
-def _default(value: Any) -> str:
-    if value in DEFAULTS:
-        return value
-    raise LoraOptionError(f"launch option 'lora_default': got {value!r}; accepted: 'all' or 'none'", "lora_default")
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
+    def parse(value: Any) -> dict[str, Any]:
+        if value in choices:
+            return {name: value}
+        raise LoraOptionError(f"launch option {name!r}: got {value!r}; accepted: "
+                              f"{' or '.join(repr(choice) for choice in choices)}", name)
+
+    return parse
 
 
 _PARSERS: Mapping[str, Callable[[Any], dict[str, Any]]] = {
@@ -214,7 +223,8 @@ _PARSERS: Mapping[str, Callable[[Any], dict[str, Any]]] = {
     "max_cpu_loras": lambda value: {"max_cpu_loras": _int("max_cpu_loras", value, 1)},
     "max_loras_per_request": lambda value: {"max_loras_per_request": _int("max_loras_per_request", value, 1)},
     "lora_dir": lambda value: {"lora_dir": _lora_dir(value)},
-    "lora_default": lambda value: {"lora_default": _default(value)},
+    "lora_default": _choice("lora_default", DEFAULTS),
+    "lora_batching": _choice("lora_batching", BATCHING),
 }
 
 
@@ -229,7 +239,7 @@ def parse_lora_options(raw: Mapping[str, Any]) -> LoraOptions:
     if given_cpu is not None and given_cpu < options.max_loras:
         raise LoraOptionError(f"launch option 'max_cpu_loras' ({given_cpu}) must be at least max_loras "
                               f"({options.max_loras}): slots are filled from host memory", "max_cpu_loras")
-    needed = max(options.max_loras, options.max_loras_per_request, 1)
+    needed = max(options.max_loras, options.max_loras_per_request, len(options.loras), 1)
     options = LoraOptions(**{**fields, "max_cpu_loras": max(given_cpu or 0, needed)})
     _check_modes(options)
     return options

@@ -558,10 +558,11 @@ class LoraRecipe:
 
 TINY_LORAS: Mapping[str, LoraRecipe] = {
     "style": LoraRecipe(rank=4, alpha=8),  # the denoiser's attention, feed-forward and convolutions
-    "detail": LoraRecipe(rank=8, alpha=4, denoiser=("to_q", "to_v")),  # another rank, a subset of layers
+    "detail": LoraRecipe(rank=8, alpha=16, denoiser=("to_q", "to_v", "to_out.0")),  # another rank, fewer layers
     "text": LoraRecipe(rank=4, alpha=6, denoiser=(), text=True),  # every LoRA-loadable text encoder only
 }
 KOHYA_LORA = ("kohya", LoraRecipe(rank=4, alpha=4, text=True, kohya=True))  # SD1.5 only
+LORA_FORMAT_VERSION = 1  # bump whenever the tiny LoRAs change: part of their cache path
 
 
 def tiny_lora_recipes(model_name: str) -> Mapping[str, LoraRecipe]:
@@ -620,7 +621,7 @@ def build_tiny_loras(model_name: str, checkpoint: Path, directory: Path) -> list
 def tiny_loras(model_name: str, cache_root: Path | None = None) -> Path:
     """The cached folder of a catalogue model's tiny LoRAs (built on first use, like `tiny_checkpoint`)."""
     root = Path(cache_root or default_cache_root())
-    target = root / f"v{FORMAT_VERSION}" / "loras" / get_spec(model_name).name
+    target = root / f"v{FORMAT_VERSION}" / f"loras-v{LORA_FORMAT_VERSION}" / get_spec(model_name).name
     if all((target / f"{name}.safetensors").is_file() for name in tiny_lora_recipes(model_name)):
         return target
     checkpoint = tiny_checkpoint(model_name, cache_root)

@@ -124,15 +124,29 @@ def wait_until_ready(client: Client, model_uid: str, out: TextIO = sys.stderr) -
         time.sleep(LAUNCH_POLL_SECONDS)
 
 
+def peft_model_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Xinference's `--lora-modules NAME PATH` (repeatable), `--image-lora-load-kwargs K V` and
+    `--image-lora-fuse-kwargs K V` as the launch field its CLI builds from them (values coerced as options)."""
+    if not (args.lora_modules or args.lora_load_kwargs or args.lora_fuse_kwargs):
+        return None
+    return {
+        "lora_list": [{"lora_name": name, "local_path": path} for name, path in args.lora_modules],
+        "image_lora_load_kwargs": {key: coerce_option(value) for key, value in args.lora_load_kwargs} or None,
+        "image_lora_fuse_kwargs": {key: coerce_option(value) for key, value in args.lora_fuse_kwargs} or None,
+    }
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     """Launch without blocking the HTTP call, then poll, so a slow load shows progress and a failure its reason.
 
     A failed load is terminated, freeing its uid, as a launch with wait_ready=true would leave it.
     """
+    peft = peft_model_config(args)
+    options = {**args.options, **({"peft_model_config": peft} if peft else {})}
     with _client(args) as client:
         uid = client.launch_model(
             args.model_name, args.model_type, model_uid=args.model_uid, model_path=args.model_path,
-            wait_ready=False, **args.options,
+            wait_ready=False, **options,
         )
         print(f"Launching {uid}", end="", file=sys.stderr, flush=True)
         try:
@@ -286,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("-t", "--model-type", "--model_type", dest="model_type", default="image")
     launch.add_argument("-u", "--model-uid", "--model_uid", dest="model_uid")
     launch.add_argument("-mp", "--model-path", "--model_path", dest="model_path")
+    for short, long, dest, metavar in (("-lm", "--lora-modules", "lora_modules", ("NAME", "PATH")),
+                                       ("-ld", "--image-lora-load-kwargs", "lora_load_kwargs", ("KEY", "VALUE")),
+                                       ("-fd", "--image-lora-fuse-kwargs", "lora_fuse_kwargs", ("KEY", "VALUE"))):
+        launch.add_argument(short, long, long.replace("-", "_").replace("__", "--"), dest=dest, nargs=2,
+                            action="append", default=[], metavar=metavar, help="(repeatable; as Xinference's CLI)")
     _add_endpoint(launch)
     launch.set_defaults(handler=cmd_launch)
 

@@ -17,6 +17,7 @@ Modes (launch option max_loras):
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import time
 from collections import OrderedDict
@@ -84,22 +85,26 @@ class LoraPart(Part):
             raise ModelLoadError(str(error)) from None
 
     def _fuse(self, adapters: list[Adapter]) -> None:
-        """Merge the default set into the weights, as diffusers' fuse_lora does (float32, then cast)."""
-        components = self.config.fuse_components or tuple(self.sites)
+        """Merge the launch LoRAs into the weights, as Xinference's load_lora_weights + fuse_lora leaves them:
+        the fused components (fuse_lora's `components`, by default the mixin's: FLUX's is the transformer alone)
+        at each LoRA's scale times lora_scale, the others still applied at the LoRA's own scale. In float32,
+        then cast, as diffusers fuses."""
+        components = self.config.fuse_components or tuple(
+            inspect.signature(self.loader.fuse_lora).parameters["components"].default)
         unknown = sorted(set(components) - set(self.sites))
         if unknown:
             raise ModelLoadError(f"image_lora_fuse_kwargs.components: {self.family.spec.name} models have no "
                                  f"{', '.join(unknown)}; accepted: {', '.join(self.sites)}")
+        own = {lora.name: lora.scale for lora in self.config.loras}
         scales = dict(self.default)
         fused = set()
         for adapter in adapters:
             if adapter.name not in scales:
                 continue
             for (component, layer), (a, b) in adapter.weights.items():
-                if component in components:
-                    module = getattr(self.family.pipeline, component).get_submodule(layer)
-                    fuse(module, a, b, scales[adapter.name])
-                    fused.add((component, layer))
+                module = getattr(self.family.pipeline, component).get_submodule(layer)
+                fuse(module, a, b, scales[adapter.name] if component in components else own[adapter.name])
+                fused.add((component, layer))
         if self.config.safe_fusing:
             for component, layer in sorted(fused):
                 if not torch.isfinite(getattr(self.family.pipeline, component).get_submodule(layer).weight).all():
@@ -173,6 +178,12 @@ class LoraPart(Part):
                 f"lora ({asked}) cannot apply. LoRAs chosen per request need per-row mode: launch with max_loras "
                 "of 1 or more and backend eager or compile (onnx and tensorrt run fused LoRAs only)")
 
+    def lane_key(self, request):
+        """None: rows with any LoRAs share lanes; with lora_batching per-config, the LoRA set (the peers' way)."""
+        if self.mode == "per-row" and self.config.lora_batching == "per-config":
+            return self.selection(request) or None
+        return None
+
     def admission(self) -> Callable[[Any], bool] | None:
         """A job waits until each of its LoRAs is parsed and in a slot. Once one waits for a slot, later jobs
         with LoRAs wait too, so the slots drain for it instead of staying pinned by a stream of newer jobs."""
@@ -185,7 +196,7 @@ class LoraPart(Part):
             picked = self.selection(job.request)
             if not picked:
                 return True
-            found = [self.library.get(name) for name, _ in picked]
+            found = [self.slots.by_name.get(name) or self.library.get(name) for name, _ in picked]
             if any(isinstance(item, LoraFileError) for item in found):
                 return True  # prepare fails the job with the file's error
             if blocked or any(item is None for item in found) or self.slots.reserve(job.id, found) is None:
@@ -212,8 +223,8 @@ class LoraPart(Part):
         if self.mode != "per-row":
             return None
         context = tuple((adapter.key, scale) for name, scale in self.selection(request)
-                        if (adapter := self.library.peek(name)) is not None
-                        and adapter.components - {self.denoiser} and adapter.key in self.slots.slot_of)
+                        if (adapter := self.slots.by_name.get(name)) is not None  # pinned by the job's admission
+                        and adapter.components - {self.denoiser})
         return context or None
 
     @contextmanager
@@ -239,6 +250,8 @@ class LoraPart(Part):
         state.parts[self.name] = (slots, tuple(scale for _, scale in picked))
 
     def before_forward(self, batch) -> None:
+        if self.mode != "per-row":
+            return
         self.rows.set([state.parts.get(self.name, ((), ())) for state, _ in batch.rows])
 
     # --- what the model shows ---------------------------------------------------------------------------------

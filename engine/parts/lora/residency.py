@@ -85,10 +85,6 @@ class Library:
                 threading.Thread(target=self._background, args=(name,), name="kiln-lora-read", daemon=True).start()
         return None
 
-    def peek(self, name: str) -> Adapter | None:
-        with self._lock:
-            return self._host.get(name)
-
     def failure(self, name: str) -> LoraFileError | None:
         """The error of the name's file as it is now, if parsing it failed."""
         with self._lock:
@@ -140,6 +136,7 @@ class Slots:
         self._order: OrderedDict[int, None] = OrderedDict((slot, None) for slot in range(1, count + 1))  # LRU first
         self.holder: dict[int, Adapter] = {}
         self.slot_of: dict[str, int] = {}  # adapter key -> slot
+        self.by_name: dict[str, Adapter] = {}  # the resident adapters by name
         self.pins: dict[int, tuple[int, ...]] = {}  # job id -> its slots, in its request's order
         self._refs: Counter[int] = Counter()
         self.loads = 0
@@ -181,7 +178,9 @@ class Slots:
         old = self.holder.pop(slot, None)
         if old is not None:
             del self.slot_of[old.key]
+            del self.by_name[old.name]
         self._fill(slot, adapter)
         self.holder[slot] = adapter
         self.slot_of[adapter.key] = slot
+        self.by_name[adapter.name] = adapter
         self.loads += 1
