@@ -165,8 +165,29 @@ def _kiln_figures(runs: list[dict[str, Any]], max_batch_size: int) -> dict[str, 
     }
 
 
-def run_kiln(settings: Settings, scenarios: list[Scenario], plans: list[Plan] | None, models: dict[str, dict],
-             log: Log) -> tuple[list[Plan], dict[str, dict], dict[str, Any]]:
+def kiln_launches(scenarios: list[Scenario], models: dict[str, dict]) -> dict[str, tuple[str, dict]]:
+    """Kiln's model uids -> (catalogue name, launch options): a uid's options from the scenario file's `launch`
+    table over the model's, with `tiny_loras = [names]` turned into a peft_model_config of those tiny LoRAs."""
+    from kiln.engine.tiny import tiny_loras
+
+    launches: dict[str, tuple[str, dict]] = {}
+    for scenario in scenarios:
+        for item in scenario.mix:
+            uid = item.uid or item.model
+            if uid in launches:
+                continue
+            extra = dict(scenario.launch.get(uid, {}))
+            names = extra.pop("tiny_loras", None)
+            if names:
+                folder = tiny_loras(item.model)
+                extra["peft_model_config"] = {"lora_list": [{"lora_name": name, "local_path": str(folder / f"{name}.safetensors")}
+                                                            for name in names]}
+            launches[uid] = (item.model, {**models[item.model], **extra})
+    return launches
+
+
+def run_kiln(settings: Settings, scenarios: list[Scenario], plans: list[Plan] | None,
+             launches: dict[str, tuple[str, dict]], log: Log) -> tuple[list[Plan], dict[str, dict], dict[str, Any]]:
     """One round of every plan on a fresh Kiln server. Without `plans` (the first round) the scenarios are
     planned here, open loops with `load` at that fraction of the capacity just measured. Returns the plans, per
     plan the raw run, and facts about the server."""
@@ -175,9 +196,9 @@ def run_kiln(settings: Settings, scenarios: list[Scenario], plans: list[Plan] | 
     notes: dict[str, Any] = {"pid": kiln.pid}
     try:
         started = time.monotonic()
-        for model, options in models.items():
+        for uid, (model, options) in launches.items():
             kiln.launch(model, {**options, "max_batch_size": settings.max_batch_size,
-                                "max_queue_size": settings.max_queue_size})
+                                "max_queue_size": settings.max_queue_size}, uid=uid)
         notes["load_seconds"] = time.monotonic() - started
         notes["memory_after_load"] = kiln.memory()
 
@@ -390,6 +411,10 @@ def run_benchmark(scenarios: list[Scenario], settings: Settings, log: Log = prin
         for item in scenario.mix:
             if item.model not in models:
                 models[item.model] = model_options(settings, item.model, log)
+            if (item.uid or item.lora) and set(settings.systems) - {"kiln"}:
+                raise BenchError(f"scenario {scenario.name} sends requests to launched uids or with LoRAs, which only "
+                                 "Kiln serves: run it with --systems kiln")
+    launches = kiln_launches(scenarios, models)
 
     plans: list[Plan] | None = None if "kiln" in settings.systems else [p for s in scenarios for p in draw_plans(s)]
     raw: dict[str, dict[str, list[dict]]] = {system: {} for system in settings.systems if system != "limit"}
@@ -401,7 +426,7 @@ def run_benchmark(scenarios: list[Scenario], settings: Settings, log: Log = prin
             if system not in settings.systems:
                 continue
             if system == "kiln":
-                plans, runs, notes = run_kiln(settings, scenarios, plans, models, log)
+                plans, runs, notes = run_kiln(settings, scenarios, plans, launches, log)
                 facts_by_system.setdefault("kiln", []).append(notes)
             else:
                 runs, loaded = run_baseline(system, settings, plans, models, log)

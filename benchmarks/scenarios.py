@@ -24,6 +24,10 @@ without their own use:
 
 Every system sees exactly the same requests (prompts, seeds, sizes, arrival times): they are drawn once, from
 `seed`, by `plan()`.
+
+LoRA runs (Kiln only): a request class may name `uid`, a model launched with its own options from the file's
+top-level `[launch.<uid>]` table (`tiny_loras = ["style", ...]` registers those tiny LoRAs of the model as its
+peft_model_config), and `lora`, the LoRA each of its requests asks for ("" for none); see scenarios/lora.toml.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class RequestClass:
     guidance: float = 7.5
     n: int = 1
     weight: float = 1.0
+    uid: str = ""  # the Kiln model uid its requests go to (default: the model name); see `launch`
+    lora: str = ""  # the LoRA its requests ask for ("" none)
 
     @property
     def size(self) -> str:
@@ -87,11 +93,13 @@ class BenchRequest:
     seed: int
     n: int = 1
     at: float = 0.0
+    uid: str = ""
+    lora: str = ""
 
     @property
     def batch_key(self) -> tuple:
         """What requests must share to run in one plain pipeline call (static batching)."""
-        return (self.model, self.width, self.height, self.steps, self.guidance)
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.uid, self.lora)
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,7 @@ class Scenario:
     rate: float | None = None  # open loop: images per second
     load: float | None = None  # open loop: fraction of Kiln's capacity on this mix (resolved after Kiln's closed runs)
     seed: int = 0
+    launch: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # uid -> Kiln launch options (the file's)
 
 
 @dataclass
@@ -164,7 +173,7 @@ def parse_mix(items: Any, where: str) -> tuple[RequestClass, ...]:
         if not isinstance(item, Mapping):
             raise ScenarioError(f"{spot}: a request class is a table, got {item!r}")
         item = dict(item)
-        known = {"model", "size", "width", "height", "steps", "guidance", "n", "weight"}
+        known = {"model", "size", "width", "height", "steps", "guidance", "n", "weight", "uid", "lora"}
         unknown = set(item) - known
         if unknown:
             raise ScenarioError(f"{spot}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -183,6 +192,9 @@ def parse_mix(items: Any, where: str) -> tuple[RequestClass, ...]:
 def parse_scenarios(data: Mapping[str, Any], where: str = "scenario file") -> list[Scenario]:
     """Scenarios from the parsed contents of a scenario file."""
     default_mix = parse_mix(data["mix"], where) if "mix" in data else (RequestClass(),)
+    launch = data.get("launch", {})
+    if not isinstance(launch, Mapping) or not all(isinstance(v, Mapping) for v in launch.values()):
+        raise ScenarioError(f"{where}: launch must be a table of [launch.<uid>] tables of launch options")
     items = data.get("scenario", data.get("scenarios"))
     if not isinstance(items, list) or not items:
         raise ScenarioError(f"{where}: needs a non-empty `scenario` list ([[scenario]] tables in TOML)")
@@ -195,6 +207,7 @@ def parse_scenarios(data: Mapping[str, Any], where: str = "scenario file") -> li
         if item.get("kind") not in KINDS:
             raise ScenarioError(f"{spot}: kind must be one of {', '.join(KINDS)}, got {item.get('kind')!r}")
         item.setdefault("name", item["kind"])
+        item["launch"] = launch
         item["mix"] = parse_mix(item["mix"], spot) if "mix" in item else default_mix
         if "concurrency" in item:
             levels = item["concurrency"]
@@ -249,6 +262,7 @@ def draw_requests(mix: Sequence[RequestClass], count: int, rng: random.Random, p
         requests.append(BenchRequest(
             id=f"{prefix}-{index:05d}", model=item.model, prompt=rng.choice(PROMPTS), width=item.width,
             height=item.height, steps=item.steps, guidance=item.guidance, seed=rng.randrange(2**31 - 1), n=item.n,
+            uid=item.uid, lora=item.lora,
         ))
     return requests
 

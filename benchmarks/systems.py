@@ -82,8 +82,8 @@ class KilnHttp:
         self.stop()
         raise BenchError(f"the Kiln server did not answer within {STARTUP_SECONDS}s:\n{self._log_tail()}")
 
-    def launch(self, model: str, options: Mapping[str, Any]) -> None:
-        body = {"model_name": model, "model_uid": model, "model_type": "image", **options}
+    def launch(self, model: str, options: Mapping[str, Any], uid: str | None = None) -> None:
+        body = {"model_name": model, "model_uid": uid or model, "model_type": "image", **options}
         response = httpx.post(f"{self.endpoint}/v1/models", json=body, timeout=LAUNCH_SECONDS)
         if response.status_code != 200:
             raise BenchError(f"launching {model} failed: {response.status_code} {response.text}")
@@ -117,10 +117,10 @@ class KilnHttp:
 
     def _call(self, request: BenchRequest, scheduled: float) -> Outcome:
         body = {
-            "model": request.model, "prompt": request.prompt, "n": request.n,
+            "model": request.uid or request.model, "prompt": request.prompt, "n": request.n,
             "size": f"{request.width}x{request.height}", "num_inference_steps": request.steps,
             "guidance_scale": request.guidance, "seed": request.seed, "request_id": request.id,
-            "response_format": "b64_json",
+            "response_format": "b64_json", **({"lora": [{"name": request.lora}]} if request.lora else {}),
         }
         sent = time.monotonic()
         error = None

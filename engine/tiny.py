@@ -533,15 +533,15 @@ def tiny_checkpoint(model_name: str, cache_root: Path | None = None) -> Path:
 
 # Layers the tiny LoRAs adapt, by family: attention everywhere, and the feed-forward and resnet convolutions where
 # the family has them, so every kind of slot layer (Linear, 1x1 and 3x3 Conv2d) is exercised.
-_LORA_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-_LORA_JOINT = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-_LORA_DENOISER_TARGETS: Mapping[str, list[str]] = {
-    "sd": [*_LORA_ATTENTION, "ff.net.0.proj", "ff.net.2", "proj_in", "conv1", "conv2"],
-    "sdxl": [*_LORA_ATTENTION, "ff.net.0.proj", "ff.net.2", "proj_in", "conv1", "conv2"],
-    "sd3": [*_LORA_ATTENTION, *_LORA_JOINT, "ff.net.2"],
-    "flux": [*_LORA_ATTENTION, *_LORA_JOINT, "proj_mlp"],
+LORA_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_JOINT = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LORA_DENOISER_TARGETS: Mapping[str, list[str]] = {
+    "sd": [*LORA_ATTENTION, "ff.net.0.proj", "ff.net.2", "proj_in", "conv1", "conv2"],
+    "sdxl": [*LORA_ATTENTION, "ff.net.0.proj", "ff.net.2", "proj_in", "conv1", "conv2"],
+    "sd3": [*LORA_ATTENTION, *LORA_JOINT, "ff.net.2"],
+    "flux": [*LORA_ATTENTION, *LORA_JOINT, "proj_mlp"],
 }
-_LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
+LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 
 
 @dataclass(frozen=True)
@@ -589,10 +589,10 @@ def build_tiny_loras(model_name: str, checkpoint: Path, directory: Path) -> list
     for name, recipe in tiny_lora_recipes(model_name).items():
         pipeline = DiffusionPipeline.from_pretrained(checkpoint)
         loader = getattr(importlib.import_module("diffusers.loaders"), family.lora_loader)
-        targets = {family.denoiser: list(_LORA_DENOISER_TARGETS[family.name] if recipe.denoiser is None
+        targets = {family.denoiser: list(LORA_DENOISER_TARGETS[family.name] if recipe.denoiser is None
                                          else recipe.denoiser)}
         if recipe.text:
-            targets.update({c: _LORA_TEXT_TARGETS for c in loader._lora_loadable_modules if c != family.denoiser})
+            targets.update({c: LORA_TEXT_TARGETS for c in loader._lora_loadable_modules if c != family.denoiser})
         layers, metadata = {}, {}
         with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
             torch.manual_seed(zlib.crc32(f"{spec.name}/{name}".encode()))

@@ -190,7 +190,7 @@ def test_a_row_without_lora_is_untouched_by_strong_neighbours(lora_runner, runne
     neighbours carrying strong stacked LoRAs (slot 0 adds exact zeros)."""
     name = FAMILY_MODELS[family]
     runner = lora_runner(name)
-    plain = pixels(run_alone(runner_for(name), request("a quiet harbour", 5, seed=77, name=name)))
+    plain = pixels(run_alone(runner_for(name, **UNQUANTIZED), request("a quiet harbour", 5, seed=77, name=name)))
     alone = pixels(run_alone(runner, request("a quiet harbour", 5, seed=77, name=name)))
     assert max_diff(plain, alone) == 0
     strong = [request("noise", 5, seed=s, name=name, loras=[("style", 10.0), ("detail", -10.0), ("text", 10.0)])
