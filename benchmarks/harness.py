@@ -167,8 +167,14 @@ def _kiln_figures(runs: list[dict[str, Any]], max_batch_size: int) -> dict[str, 
 
 def kiln_launches(scenarios: list[Scenario], models: dict[str, dict]) -> dict[str, tuple[str, dict]]:
     """Kiln's model uids -> (catalogue name, launch options): a uid's options from the scenario file's `launch`
-    table over the model's, with `tiny_loras = [names]` turned into a peft_model_config of those tiny LoRAs."""
-    from kiln.engine.tiny import tiny_loras
+    table over the model's, with its LoRAs as a peft_model_config: `tiny_loras = [names]` (the tests' tiny
+    LoRAs) and `loras = {name = {rank, alpha, denoiser = [layer names], text}}` (made with peft on the tiny
+    checkpoint, engine.tiny.write_lora, kept in $KILN_CACHE/bench-loras)."""
+    import hashlib
+    import json
+    import os
+
+    from kiln.engine.tiny import LoraRecipe, tiny_checkpoint, tiny_loras, write_lora
 
     launches: dict[str, tuple[str, dict]] = {}
     for scenario in scenarios:
@@ -177,11 +183,19 @@ def kiln_launches(scenarios: list[Scenario], models: dict[str, dict]) -> dict[st
             if uid in launches:
                 continue
             extra = dict(scenario.launch.get(uid, {}))
-            names = extra.pop("tiny_loras", None)
-            if names:
-                folder = tiny_loras(item.model)
-                extra["peft_model_config"] = {"lora_list": [{"lora_name": name, "local_path": str(folder / f"{name}.safetensors")}
-                                                            for name in names]}
+            listed = []
+            for name in extra.pop("tiny_loras", []):
+                listed.append({"lora_name": name, "local_path": str(tiny_loras(item.model) / f"{name}.safetensors")})
+            for name, recipe in extra.pop("loras", {}).items():
+                digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+                folder = Path(os.environ.get("KILN_CACHE", REPO / ".kiln-cache")) / "bench-loras" / item.model / digest
+                path = folder / f"{name}.safetensors"
+                if not path.is_file():
+                    fields = {**recipe, "denoiser": tuple(recipe["denoiser"]) if "denoiser" in recipe else None}
+                    write_lora(item.model, tiny_checkpoint(item.model), name, LoraRecipe(**fields), folder)
+                listed.append({"lora_name": name, "local_path": str(path)})
+            if listed:
+                extra["peft_model_config"] = {"lora_list": listed}
             launches[uid] = (item.model, {**models[item.model], **extra})
     return launches
 

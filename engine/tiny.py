@@ -571,9 +571,15 @@ def tiny_lora_recipes(model_name: str) -> Mapping[str, LoraRecipe]:
 
 
 def build_tiny_loras(model_name: str, checkpoint: Path, directory: Path) -> list[Path]:
-    """Write the tiny LoRAs of one model (made for its tiny checkpoint) into `directory`: <name>.safetensors.
+    """Write the tiny LoRAs of one model (made for its tiny checkpoint) into `directory`: <name>.safetensors."""
+    return [write_lora(model_name, checkpoint, name, recipe, directory)
+            for name, recipe in tiny_lora_recipes(model_name).items()]
 
-    peft's default init makes B zero, a LoRA that changes nothing and lets every test pass; these use
+
+def write_lora(model_name: str, checkpoint: Path, name: str, recipe: LoraRecipe, directory: Path) -> Path:
+    """One LoRA made with peft on the checkpoint's components, saved as <directory>/<name>.safetensors.
+
+    peft's default init makes B zero, a LoRA that changes nothing and lets every test pass; this uses
     `init_lora_weights=False` (A and B both random), seeded by model and LoRA name so every build is the same."""
     from diffusers import DiffusionPipeline
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
@@ -585,37 +591,34 @@ def build_tiny_loras(model_name: str, checkpoint: Path, directory: Path) -> list
     family = spec.family
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, recipe in tiny_lora_recipes(model_name).items():
-        pipeline = DiffusionPipeline.from_pretrained(checkpoint)
-        loader = getattr(importlib.import_module("diffusers.loaders"), family.lora_loader)
-        targets = {family.denoiser: list(LORA_DENOISER_TARGETS[family.name] if recipe.denoiser is None
-                                         else recipe.denoiser)}
-        if recipe.text:
-            targets.update({c: LORA_TEXT_TARGETS for c in loader._lora_loadable_modules if c != family.denoiser})
-        layers, metadata = {}, {}
-        with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(f"{spec.name}/{name}".encode()))
-            for component, modules in targets.items():
-                if not modules:
-                    continue
-                config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=modules,
-                                    init_lora_weights=False)
-                model = getattr(pipeline, component)
-                model.add_adapter(config)
-                layers[component] = get_peft_model_state_dict(model)
-                metadata[component] = config.to_dict()
-        path = directory / f"{name}.safetensors"
-        if recipe.kohya:
-            peft_keys = {f"{c}.{key}": value for c, state in layers.items() for key, value in state.items()}
-            save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(peft_keys).items()}, path)
-        else:
-            type(pipeline).save_lora_weights(
-                directory, weight_name=path.name, **{f"{c}_lora_layers": state for c, state in layers.items()},
-                **{f"{c}_lora_adapter_metadata": meta for c, meta in metadata.items()},
-            )
-        written.append(path)
-    return written
+    pipeline = DiffusionPipeline.from_pretrained(checkpoint)
+    loader = getattr(importlib.import_module("diffusers.loaders"), family.lora_loader)
+    targets = {family.denoiser: list(LORA_DENOISER_TARGETS[family.name] if recipe.denoiser is None
+                                     else recipe.denoiser)}
+    if recipe.text:
+        targets.update({c: LORA_TEXT_TARGETS for c in loader._lora_loadable_modules if c != family.denoiser})
+    layers, metadata = {}, {}
+    with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"{spec.name}/{name}".encode()))
+        for component, modules in targets.items():
+            if not modules:
+                continue
+            config = LoraConfig(r=recipe.rank, lora_alpha=recipe.alpha, target_modules=modules,
+                                init_lora_weights=False)
+            model = getattr(pipeline, component)
+            model.add_adapter(config)
+            layers[component] = get_peft_model_state_dict(model)
+            metadata[component] = config.to_dict()
+    path = directory / f"{name}.safetensors"
+    if recipe.kohya:
+        peft_keys = {f"{c}.{key}": value for c, state in layers.items() for key, value in state.items()}
+        save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(peft_keys).items()}, path)
+    else:
+        type(pipeline).save_lora_weights(
+            directory, weight_name=path.name, **{f"{c}_lora_layers": state for c, state in layers.items()},
+            **{f"{c}_lora_adapter_metadata": meta for c, meta in metadata.items()},
+        )
+    return path
 
 
 def tiny_loras(model_name: str, cache_root: Path | None = None) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -62,6 +63,15 @@ def request(prompt="a lighthouse", steps=4, guidance=None, seed=5, loras=(), nam
     guidance = spec.default_guidance if guidance is None else guidance
     return ImageRequest(prompt, 64, 64, steps, guidance, seed=seed, part_inputs=with_loras(*loras) if loras else {},
                         **fields)
+
+
+def drive_loading(runner, handle, seconds=120.0):
+    """Iterate a stepped runner until the request ends, sleeping while a LoRA is read in the background."""
+    deadline = time.monotonic() + seconds
+    while not handle.future.done():
+        assert time.monotonic() < deadline, "the request did not finish"
+        runner.iterate()
+        time.sleep(0.005)
 
 
 def lora_part(runner):
@@ -243,18 +253,19 @@ def test_lora_dir_loads_on_first_use_and_refuses_what_does_not_fit(tiny_lora_dir
     try:
         registered = runner.describe()["lora"]["registered"]
         assert registered[0] == "style" and {"pixel", "broken", "foreign"} <= set(registered)
-        from_dir = run_alone(runner, request(loras=[("pixel", 0.9)]))  # parsed in the background, then run
+        from_dir = runner.submit(request(loras=[("pixel", 0.9)]))  # parsed in the background, then run
+        drive_loading(runner, from_dir)
         listed = run_alone(runner, request(loras=[("style", 0.9)]))
         assert max_diff(pixels(from_dir), pixels(listed)) == 0
         assert "pixel" in runner.describe()["lora"]["resident"]
         broken = runner.submit(request(loras=[("broken", 1.0)]))
-        drive(runner, broken.future.done)
+        drive_loading(runner, broken)
         with pytest.raises(InvalidRequest, match="broken.safetensors"):
             broken.result()
         with pytest.raises(InvalidRequest, match="broken.safetensors"):  # known now: refused at submit
             runner.submit(request(loras=[("broken", 1.0)]))
         foreign = runner.submit(request(loras=[("foreign", 1.0)]))
-        drive(runner, foreign.future.done)
+        drive_loading(runner, foreign)
         with pytest.raises(InvalidRequest, match=r"foreign.safetensors.*unet\.\S+.*another base model"):
             foreign.result()
         for name, words in (("nothing", "unknown LoRA 'nothing'; available: style, "), ("escape", "unknown LoRA"),
@@ -329,9 +340,11 @@ def test_compiled_per_row_matches_eager_without_recompiling_on_swaps(tiny_lora_d
 
 
 # --- the slot layers against peft's own per-row forward ----------------------------------------------------------
-def test_slot_layers_match_peft_mixed_batch():
+@pytest.mark.parametrize("way", ["gathered", "dense", "merged", "chosen"])
+def test_slot_layers_match_peft_mixed_batch(way):
     """Linear and 3x3 Conv2d slot layers, ranks 2 and 6 zero-padded to 8, rows with adapter a, b or none, equal
-    peft's `adapter_names` mixed-batch forward; a row with two adapters equals the sum of their deltas."""
+    peft's `adapter_names` mixed-batch forward, whichever way the deltas are computed; a row with both adapters
+    equals the sum of their deltas; a row with none gets exactly the base output."""
     from peft import LoraConfig, inject_adapter_in_model
 
     from kiln.engine.parts.lora.layers import RowSelection, install
@@ -351,15 +364,17 @@ def test_slot_layers_match_peft_mixed_batch():
             a = peft_layer.lora_A[adapter].weight
             b = peft_layer.lora_B[adapter].weight * peft_layer.scaling[adapter]
             layer.fill(slot, (a, b.reshape(b.shape[0], -1)))
-    selection.set([((1,), (1.0,)), ((2,), (1.0,)), ((), ()), ((1, 2), (1.0, 1.0))])
+    selection.set([((1,), (0.5,)), ((2,), (1.0,)), ((), ()), ((1, 2), (1.0, -2.0))])
     x, image = torch.randn(4, 7, 12), torch.randn(4, 3, 6, 6)
     with torch.no_grad():
         for name, value in (("lin", x), ("conv", image)):
-            got = model[name](value)
-            names = ["a", "b", "__base__", "a"]
-            expected = reference[name](value, adapter_names=names)
-            assert torch.allclose(got[:3], expected[:3], atol=1e-5)
-            b_only = reference[name](value, adapter_names=["b"] * 4)
+            layer = layers[name]
             base = reference[name](value, adapter_names=["__base__"] * 4)
-            assert torch.allclose(got[3], expected[3] + b_only[3] - base[3], atol=1e-5)
+            got = layer(value) if way == "chosen" else layer.apply_way(way, value, layer._base(value), (1, 2), 6)
+            only_a = reference[name](value, adapter_names=["a"] * 4) - base
+            only_b = reference[name](value, adapter_names=["b"] * 4) - base
+            expected = base + torch.stack([0.5 * only_a[0], only_b[1], 0 * base[2], only_a[3] - 2.0 * only_b[3]])
+            assert torch.allclose(got, expected, atol=1e-5), (name, (got - expected).abs().max())
+            mixed = reference[name](value, adapter_names=["a", "b", "__base__", "a"])  # peft's own per-row forward
+            assert torch.allclose(got[1], mixed[1], atol=1e-5)
             assert torch.equal(got[2], base[2])  # slot 0: exactly the base output
