@@ -68,13 +68,17 @@ def test_openai_sdk_picks_loras_per_request(lora_model, sdk, kiln):
     assert same_image(styled, Image.open(io.BytesIO(base64.b64decode(result["data"][0]["b64_json"]))))
 
 
-def test_multipart_endpoints_take_lora_as_json_text(lora_model, kiln):
+@pytest.mark.parametrize(("path", "mask"), [("/v1/images/variations", None),
+                                            ("/v1/images/inpainting", "mask_image"), ("/v1/images/edits", "mask")])
+def test_multipart_endpoints_take_lora_as_json_text(lora_model, kiln, path, mask):
+    """Image to image and both inpainting forms: `lora` as a form field's JSON text changes the image."""
     fields = {"model": "lora15", "prompt": "a fox", "size": "64x64", "response_format": "b64_json",
               "kwargs": '{"num_inference_steps": 4, "seed": 2, "strength": 0.7}'}
-    image = {"image": ("image.png", png_bytes(), "image/png")}
-    plain = kiln.http.post("/v1/images/variations", data=fields, files=image)
-    styled = kiln.http.post("/v1/images/variations", data={**fields, "lora": '[{"name": "style", "scale": 1.5}]'},
-                            files=image)
+    files = {"image": ("image.png", png_bytes(), "image/png")}
+    if mask:
+        files[mask] = ("mask.png", png_bytes((64, 64), 255), "image/png")
+    plain = kiln.http.post(path, data=fields, files=files)
+    styled = kiln.http.post(path, data={**fields, "lora": '[{"name": "style", "scale": 1.5}]'}, files=files)
     assert plain.status_code == styled.status_code == 200, styled.text
     assert plain.json()["data"][0]["b64_json"] != styled.json()["data"][0]["b64_json"]
 
