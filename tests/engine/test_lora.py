@@ -5,6 +5,7 @@ without LoRA; a job waits for its slot; lora_dir and bad files fail the way the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -172,7 +173,8 @@ def test_same_image_alone_and_beside_other_loras(lora_runner, family):
         request("a stormy sea", 7, seed=99, name=name, loras=[("detail", 1.5)]),
         request("an old man", 3, seed=5, name=name),
         request("a red car", 5, seed=41, name=name, loras=[("style", -1.0), ("detail", 0.5)]),
-        request("green hills", 4, seed=8, name=name, loras=[("text", 2.0)]),
+        # The target's prompt under another text-encoder LoRA scale, encoded beside the target's.
+        request("a lighthouse on a cliff", 4, seed=8, name=name, loras=[("text", 2.0)]),
     ]
     alone = run_alone(runner, target())
     forwards = dict(runner.counters.forward_rows)
@@ -192,6 +194,20 @@ def test_same_image_alone_and_beside_other_loras(lora_runner, family):
     rows_per_job = get_spec(name).family.rows_per_job
     shared = {rows for rows, count in runner.counters.forward_rows.items() if count > forwards.get(rows, 0)}
     assert max(shared) >= 4 * rows_per_job  # at least four jobs with different LoRAs in one forward
+
+
+def test_the_prompt_cache_keys_on_text_encoder_loras(lora_runner):
+    """One prompt and seed, cached without LoRA first, then encoded for two jobs admitted together under the
+    text-encoder LoRA at two scales: three different images (a cache keyed on the text alone would hand both
+    jobs the plain embeddings)."""
+    runner = lora_runner(SD)
+    plain = pixels(run_alone(runner, request("a red barn", seed=3)))
+    handles = [runner.submit(request("a red barn", seed=3, loras=[("text", scale)])) for scale in (1.0, 2.0)]
+    drive(runner, lambda: all(h.future.done() for h in handles))
+    images = [plain, *(pixels(h) for h in handles)]
+    for first in range(3):
+        for second in range(first + 1, 3):
+            assert max_diff(images[first], images[second]) > 10 * PIXEL_TOLERANCE, (first, second)
 
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
@@ -378,3 +394,29 @@ def test_slot_layers_match_peft_mixed_batch(way):
             mixed = reference[name](value, adapter_names=["a", "b", "__base__", "a"])  # peft's own per-row forward
             assert torch.allclose(got[1], mixed[1], atol=1e-5)
             assert torch.equal(got[2], base[2])  # slot 0: exactly the base output
+
+
+@pytest.mark.skipif(not os.environ.get("KILN_SLOW_TESTS"),
+                    reason="slow: torch.compile with inductor takes minutes per bucket on 2 cores; set KILN_SLOW_TESTS=1")
+def test_inductor_per_row_matches_eager(tiny_lora_dir):
+    """The same as above with inductor itself: slot buffers and the selection are graph inputs (in-place swaps
+    are seen, nothing is frozen into the compiled code)."""
+    from torch._dynamo.utils import counters
+
+    config = {"lora_list": lora_list(tiny_lora_dir(SD), "style", "detail")}
+    options = dict(peft_model_config=config, max_loras=1, max_loras_per_request=1, lora_default="none",
+                   max_batch_size=1)
+    compiled = Runner(SD, get_spec(SD), parse_launch_options(get_spec(SD), {"tiny": True, "backend": "compile",
+                                                                           **options}))
+    compiled.load(start=False, warmup_size=(64, 64))
+    eager = make_runner(SD, **options)
+    try:
+        graphs = counters["stats"]["unique_graphs"]
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for loras in ([("style", 0.6)], [], [("detail", 1.3)]):
+                got = pixels(run_alone(compiled, request(loras=loras, seed=3, steps=2)))
+                assert max_diff(got, pixels(run_alone(eager, request(loras=loras, seed=3, steps=2)))) <= PIXEL_TOLERANCE
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        compiled.close()
+        eager.close()
