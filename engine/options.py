@@ -12,6 +12,7 @@ from typing import Callable, Mapping
 
 from kiln.engine.backends import BACKEND_NAMES, package_unavailable
 from kiln.engine.catalogue import ModelSpec
+from kiln.engine.textinput import parse_integer
 
 DTYPES = ("float32", "float16", "bfloat16")
 HALF_DTYPES = frozenset({"float16", "bfloat16"})
@@ -76,8 +77,8 @@ def _boolean(name: str, value: object) -> bool:
 
 def positive_int(name: str, value: object) -> int:
     """An int >= 1, or its decimal string; bools and fractional numbers are refused."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    if isinstance(value, str) and (number := parse_integer(value)) is not None:
+        value = number
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     raise invalid_option(name, "an integer >= 1", value)

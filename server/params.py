@@ -8,7 +8,6 @@ same rules. Everything the engine would refuse is refused here first, with a mes
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from kiln.engine.images import FORMATS
 from kiln.engine.requests import MAX_SEED, ImageRequest, PreviewCallback
 from kiln.engine.runner import MAX_GUIDANCE, MAX_STEPS
 from kiln.engine.samplers import sampler_names
+from kiln.engine.textinput import TextInputError, parse_integer, parse_json
 
 from .errors import bad_request
 
@@ -76,8 +76,8 @@ class Generation:
 
 # --- coercion: a JSON value or a text value -> the field's type ---------------------------------------------
 def _integer(name: str, value: Any) -> int:
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
+    if isinstance(value, str) and (number := parse_integer(value)) is not None:
+        return number
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise bad_request(f"{name} must be an integer, got {value!r}", name)
@@ -114,8 +114,8 @@ def _text(name: str, value: Any) -> str:
 def _seed(name: str, value: Any) -> int | list[int]:
     if isinstance(value, str) and value.strip().startswith("["):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
+            value = parse_json(value)
+        except TextInputError:
             raise bad_request(f"{name} must be an integer or a list of integers, got {value!r}", name) from None
     seeds = [_integer(name, item) for item in value] if isinstance(value, list) else [_integer(name, value)]
     for seed in seeds:
@@ -161,9 +161,9 @@ def parse_kwargs(value: Any) -> dict[str, Any]:
         return {}
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError as error:
-            raise bad_request(f"kwargs is not valid JSON ({error.msg} at position {error.pos})", "kwargs") from None
+            value = parse_json(value)
+        except TextInputError as error:
+            raise bad_request(f"kwargs is not valid JSON: {error}", "kwargs") from None
     if not isinstance(value, dict):
         raise bad_request("kwargs must be a JSON object (or a string holding one)", "kwargs")
     return value
@@ -194,10 +194,11 @@ def parse_size(text: str) -> tuple[int, int] | None:
     text = text.strip()
     if text.lower() in ("", "auto", "original"):
         return None
-    match = re.fullmatch(r"(\d+)\s*[^\d\s]\s*(\d+)", text)
-    if match is None:
+    match = re.fullmatch(r"([0-9]+)\s*[^\d\s]\s*([0-9]+)", text)
+    size = (parse_integer(match.group(1)), parse_integer(match.group(2))) if match else (None, None)
+    if None in size:
         raise bad_request(f"size {text!r} is not WIDTHxHEIGHT (e.g. 512x512 or 512*512)", "size")
-    return int(match.group(1)), int(match.group(2))
+    return size
 
 
 def fit_size(spec: ModelSpec, width: int, height: int) -> tuple[int, int]:

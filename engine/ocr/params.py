@@ -7,13 +7,12 @@ parameter is refused, naming it and listing what the model accepts.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from kiln.engine.catalogue import OcrSpec
+from kiln.engine.textinput import parse_integer, parse_json
 
 from .errors import OcrParamError
 
@@ -44,8 +43,8 @@ def _boolean(name: str, value: Any) -> bool:
 
 
 def _integer(name: str, value: Any) -> int:
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
+    if isinstance(value, str) and (number := parse_integer(value)) is not None:
+        return number
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -59,7 +58,7 @@ def _pages(name: str, value: Any) -> tuple[int, ...]:
         text = value.strip()
         if text.startswith("["):
             try:
-                value = json.loads(text)
+                value = parse_json(text)
             except ValueError:
                 raise OcrParamError(f"{name} must be a page number or a list of them, got {value!r}", name) from None
         else:
@@ -106,7 +105,7 @@ def _box(name: str, value: Any) -> tuple[float, float, float, float] | None:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = parse_json(value)
         except ValueError:
             pass
     if (isinstance(value, list) and len(value) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)

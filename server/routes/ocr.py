@@ -9,7 +9,6 @@ naming it. The body is the recognised text as a JSON string, or with `detail` an
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from starlette.requests import Request
@@ -17,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from kiln.engine.catalogue import OCR
 from kiln.engine.images import ImageTooLarge, NotAnImage
+from kiln.engine.textinput import TextInputError, parse_json
 from kiln.engine.ocr import (
     DocumentLimits, OcrParamError, OcrParams, OcrRequest, OcrRunner, open_document, parse_ocr_params,
 )
@@ -87,8 +87,8 @@ def _params(runner: OcrRunner, fields: dict[str, str]) -> OcrParams:
     text = fields.get("kwargs")
     if text is not None and text.strip() not in ("", "null"):
         try:
-            value = json.loads(text)
-        except ValueError as error:
+            value = parse_json(text)
+        except TextInputError as error:
             raise bad_request(f"kwargs must be a JSON object (as a string), e.g. '{{\"detail\": true}}': {error}",
                               "kwargs") from None
         if not isinstance(value, dict):
