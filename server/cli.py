@@ -14,11 +14,10 @@ import json
 import os
 import sys
 import threading
-import time
 import uuid
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 import httpx
 
@@ -101,46 +100,34 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.endpoint, api_key=args.api_key)
 
 
-def wait_until_ready(client: Client, model_uid: str, out: TextIO = sys.stderr) -> dict:
-    """Poll the model's description until it is ready, printing a dot per poll; raise with the load error.
+@contextlib.contextmanager
+def dots(out: TextIO = sys.stderr) -> Iterator[None]:
+    """Print a dot every LAUNCH_POLL_SECONDS while the body blocks, then end the line: a slow load looks alive."""
+    done = threading.Event()
 
-    Kiln describes a loading model with its `status`; Xinference answers 503 until ready and has no status.
-    """
-    while True:
-        try:
-            description = client.describe_model(model_uid)
-        except KilnError as error:
-            if error.status_code != 503:
-                raise
-        else:
-            status = description.get("status", "ready")
-            if status == "ready":
-                print(file=out)
-                return description
-            if status == "failed":
-                print(file=out)
-                raise KilnError("launch model", 500, description.get("error") or f"model {model_uid} failed")
-        print(".", end="", file=out, flush=True)
-        time.sleep(LAUNCH_POLL_SECONDS)
+    def run() -> None:
+        while not done.wait(LAUNCH_POLL_SECONDS):
+            print(".", end="", file=out, flush=True)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        print(file=out)
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    """Launch without blocking the HTTP call, then poll, so a slow load shows progress and a failure its reason.
-
-    A failed load is terminated, freeing its uid, as a launch with wait_ready=true would leave it.
-    """
-    with _client(args) as client:
+    """Launch and wait for the load (wait_ready=true), printing dots meanwhile. A failed load answers with the
+    server's own status (400 for the user's mistake, such as weights not in the cache) and message, and its uid
+    is freed, exactly as for any other client."""
+    print(f"Launching {args.model_uid or args.model_name}", end="", file=sys.stderr, flush=True)
+    with _client(args) as client, dots():
         uid = client.launch_model(
-            args.model_name, args.model_type, model_uid=args.model_uid, model_path=args.model_path,
-            wait_ready=False, **args.options,
+            args.model_name, args.model_type, model_uid=args.model_uid, model_path=args.model_path, **args.options,
         )
-        print(f"Launching {uid}", end="", file=sys.stderr, flush=True)
-        try:
-            wait_until_ready(client, uid)
-        except KilnError:
-            with contextlib.suppress(KilnError):
-                client.terminate_model(uid)
-            raise
     print(f"Model uid: {uid}")
     return 0
 
