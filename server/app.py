@@ -25,7 +25,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.engine.images import ImageStore
 
+from .drain import Drain, DrainGate, DrainingServer
 from .errors import EXCEPTION_HANDLERS, ApiError, error_response
+from .hosts import LOCAL_HOSTS, TrustedHosts
 from .metrics import LatencyMiddleware, RequestLatency
 from .params import Limits
 from .registry import ModelRegistry
@@ -48,6 +50,9 @@ class Settings:
     retry_after_seconds: int = 5  # sent with 429 (queue full) and 503 (model loading)
     api_keys: frozenset[str] = frozenset()  # non-empty: every route but /status and /v1/cluster/auth needs one
     launch: tuple[Mapping[str, Any], ...] = ()  # launch bodies (as POST /v1/models) started at startup
+    allowed_hosts: tuple[str, ...] = LOCAL_HOSTS  # Host headers answered, "*" for all; `kiln serve` adds its host
+    public_url: str | None = None  # the base of every `url` ("https://x/" behind a proxy); None: the request's
+    drain_timeout_seconds: float = 300.0  # after SIGTERM/SIGINT, how long admitted requests may still run
 
 
 def routes() -> list[Route]:
@@ -74,12 +79,13 @@ def routes() -> list[Route]:
 
 
 def create_app(registry: ModelRegistry | None = None, *, settings: Settings = Settings()) -> Starlette:
-    """The Kiln ASGI app. `app.state` holds `registry`, `settings`, `store` (the url image store) and
-    `latency` (request latency histograms)."""
+    """The Kiln ASGI app. `app.state` holds `registry`, `settings`, `store` (the url image store), `latency`
+    (request latency histograms) and `drain` (what `serve` runs on exit signals)."""
     owns_registry = registry is None
     registry = registry if registry is not None else ModelRegistry(retry_after=settings.retry_after_seconds)
     store = ImageStore(settings.file_dir, ttl=settings.file_ttl_seconds)
     latency = RequestLatency()
+    drain = Drain(settings.drain_timeout_seconds, settings.retry_after_seconds)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -97,6 +103,8 @@ def create_app(registry: ModelRegistry | None = None, *, settings: Settings = Se
     app = Starlette(
         routes=routes(),
         middleware=[
+            Middleware(TrustedHosts, allowed_hosts=settings.allowed_hosts),
+            Middleware(DrainGate, drain=drain),
             Middleware(LatencyMiddleware, latency=latency),
             Middleware(ApiKeyAuth, keys=settings.api_keys),
             Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
@@ -108,12 +116,16 @@ def create_app(registry: ModelRegistry | None = None, *, settings: Settings = Se
     app.state.settings = settings
     app.state.store = store
     app.state.latency = latency
+    app.state.drain = drain
     return app
 
 
-def serve(app: Starlette, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info") -> None:
-    """Run `app` with uvicorn on uvloop until interrupted."""
-    uvicorn.run(app, host=host, port=port, loop="uvloop", log_level=log_level, timeout_graceful_shutdown=10)
+def serve(app: Starlette, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level: str = "info",
+          forwarded_allow_ips: str | None = None) -> None:
+    """Run `app` with uvicorn on uvloop until a SIGTERM or SIGINT has drained it (server.drain)."""
+    config = uvicorn.Config(app, host=host, port=port, loop="uvloop", log_level=log_level,
+                            forwarded_allow_ips=forwarded_allow_ips, timeout_graceful_shutdown=10)
+    DrainingServer(config, app.state.drain).run()
 
 
 async def _sweep(store: ImageStore) -> None:
@@ -157,16 +169,19 @@ class BodyLimit:
 
 class ApiKeyAuth:
     """With API keys configured, every route but the health and auth probes needs `Authorization: Bearer
-    <key>` (what both OpenAI's SDK and Xinference's client send)."""
+    <key>` (what both OpenAI's SDK and Xinference's client send). Stored image files stay open: an `<img>`
+    cannot send a header, so their URLs are the capability (random 128-bit names that expire)."""
 
     OPEN_PATHS = frozenset({"/status", "/v1/cluster/auth"})
+    OPEN_PREFIXES = ("/v1/images/files/",)
 
     def __init__(self, app: ASGIApp, keys: frozenset[str]):
         self.app = app
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not self.keys or path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
