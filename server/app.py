@@ -1,9 +1,9 @@
-"""The Starlette application: settings, the routing table, and the two guards every request passes (API keys,
-body size).
+"""The Starlette application: settings, the routing table, and the guards every request passes (its Host
+header, the drain at shutdown, API keys, body size).
 
     app = create_app()                       # a fresh ModelRegistry, default Settings
     app = create_app(registry, settings=Settings(file_ttl_seconds=60, api_keys=frozenset({"k"})))
-    serve(app, "127.0.0.1", 9997)            # uvicorn on uvloop
+    serve(app, "127.0.0.1", 9997)            # uvicorn on uvloop, drained on SIGTERM/SIGINT
 
 `create_app` owns (and closes at shutdown) the registry it creates; a registry passed in belongs to the caller,
 so several apps can share one set of models.
@@ -47,7 +47,7 @@ class Settings:
     max_image_pixels: int = 4096 * 4096  # one uploaded image, checked from its header before decoding
     file_ttl_seconds: float = 3600.0  # how long `url` images stay fetchable
     file_dir: str | None = None  # where they are kept; None: a fresh temporary directory
-    retry_after_seconds: int = 5  # sent with 429 (queue full) and 503 (model loading)
+    retry_after_seconds: int = 5  # sent with 429 (queue full) and 503 (model loading, server draining)
     api_keys: frozenset[str] = frozenset()  # non-empty: every route but /status and /v1/cluster/auth needs one
     launch: tuple[Mapping[str, Any], ...] = ()  # launch bodies (as POST /v1/models) started at startup
     allowed_hosts: tuple[str, ...] = LOCAL_HOSTS  # Host headers answered, "*" for all; `kiln serve` adds its host
@@ -181,7 +181,8 @@ class ApiKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not self.keys or path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIXES):
+        if (scope["type"] != "http" or not self.keys or path in self.OPEN_PATHS
+                or path.startswith(self.OPEN_PREFIXES)):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")

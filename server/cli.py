@@ -26,7 +26,7 @@ from kiln.server.client import Client, ImageModelHandle, KilnError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:9997"
 PROGRESS_POLL_SECONDS = 0.2
-LAUNCH_POLL_SECONDS = 0.5
+LAUNCH_DOT_SECONDS = 0.5
 _SUFFIX_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
@@ -135,11 +135,11 @@ def _client(args: argparse.Namespace) -> Client:
 
 @contextlib.contextmanager
 def dots(out: TextIO = sys.stderr) -> Iterator[None]:
-    """Print a dot every LAUNCH_POLL_SECONDS while the body blocks, then end the line: a slow load looks alive."""
+    """Print a dot every LAUNCH_DOT_SECONDS while the body blocks, then end the line: a slow load looks alive."""
     done = threading.Event()
 
     def run() -> None:
-        while not done.wait(LAUNCH_POLL_SECONDS):
+        while not done.wait(LAUNCH_DOT_SECONDS):
             print(".", end="", file=out, flush=True)
 
     thread = threading.Thread(target=run, daemon=True)

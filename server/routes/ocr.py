@@ -16,10 +16,10 @@ from starlette.responses import JSONResponse, Response
 
 from kiln.engine.catalogue import OCR
 from kiln.engine.images import ImageTooLarge, NotAnImage
-from kiln.engine.textinput import TextInputError, parse_json
 from kiln.engine.ocr import (
     DocumentLimits, OcrParamError, OcrParams, OcrRequest, OcrRunner, open_document, parse_ocr_params,
 )
+from kiln.engine.textinput import TextInputError, parse_json
 
 from ..errors import ENGINE_ERRORS, ApiError, bad_request, from_engine
 from . import context
