@@ -10,12 +10,14 @@ benchmarks/README.md. A soak file (TOML) holds one `[soak]` table:
     models = ["sdxl-turbo", "FLUX.1-schnell"]        # launched tiny, each cycle
     sizes = ["64x64", "512x512", "1024x1024"]        # one image of each size per model per cycle
     steps = 2
+    concurrent = true                                # the cycle's generations all at once
 """
 
 from __future__ import annotations
 
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +37,7 @@ class Soak:
     models: tuple[str, ...] = ("sdxl-turbo", "FLUX.1-schnell")
     sizes: tuple[tuple[int, int], ...] = ((64, 64), (512, 512), (1024, 1024))
     steps: int = 2
+    concurrent: bool = True  # send a cycle's generations all at once (as clients do), else one after another
     max_cycles: int | None = None  # also stop after this many cycles (smoke runs)
 
 
@@ -86,13 +89,14 @@ def _cycle(kiln: KilnHttp, soak: Soak, index: int) -> dict[str, Any]:
     for model in soak.models:
         kiln.launch(model, {"tiny": True})
     loaded = kiln.memory()
-    for model in soak.models:
-        for width, height in soak.sizes:
-            body = {"model": model, "prompt": "a kiln in a field", "size": f"{width}x{height}", "seed": index,
-                    "num_inference_steps": soak.steps, "response_format": "b64_json"}
-            response = httpx.post(f"{kiln.endpoint}/v1/images/generations", json=body, timeout=LAUNCH_SECONDS)
+    bodies = [{"model": model, "prompt": "a kiln in a field", "size": f"{width}x{height}", "seed": index,
+               "num_inference_steps": soak.steps, "response_format": "b64_json"}
+              for model in soak.models for width, height in soak.sizes]
+    with ThreadPoolExecutor(max_workers=len(bodies) if soak.concurrent else 1) as pool:
+        for body, response in zip(bodies, pool.map(lambda body: httpx.post(
+                f"{kiln.endpoint}/v1/images/generations", json=body, timeout=LAUNCH_SECONDS), bodies)):
             if response.status_code != 200:
-                raise BenchError(f"soak cycle {index}: {model} at {width}x{height}: {response.status_code} "
+                raise BenchError(f"soak cycle {index}: {body['model']} at {body['size']}: {response.status_code} "
                                  f"{response.text[:300]}")
     generated = kiln.memory()
     for model in soak.models:
