@@ -145,7 +145,7 @@ class Plan:
 
 
 # --- parsing -----------------------------------------------------------------------------------------------------
-def _size(value: Any, where: str) -> tuple[int, int]:
+def parse_size(value: Any, where: str) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     if isinstance(value, str):
@@ -169,7 +169,7 @@ def parse_mix(items: Any, where: str) -> tuple[RequestClass, ...]:
         if unknown:
             raise ScenarioError(f"{spot}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         if "size" in item:
-            item["width"], item["height"] = _size(item.pop("size"), spot)
+            item["width"], item["height"] = parse_size(item.pop("size"), spot)
         try:
             request_class = RequestClass(**item)
         except TypeError as error:

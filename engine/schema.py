@@ -51,7 +51,7 @@ class Limits:
 
 
 # --- kinds: how a JSON value or a text value becomes the parameter's type ------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Kind:
     """A conversion (raising Unparsable) and the JSON schema of what it accepts, for the API document."""
 
@@ -221,7 +221,7 @@ def parse_size(text: str) -> tuple[int, int] | None:
     text = text.strip()
     if text.lower() in ("", "auto", "original"):
         return None
-    match = re.fullmatch(r"(\d{1,6})\s*[^\d\s]\s*(\d{1,6})", text)
+    match = re.fullmatch(r"([0-9]{1,6})\s*[^\d\s]\s*([0-9]{1,6})", text)
     if match is None:
         raise InvalidRequest(f"size {text!r} is not WIDTHxHEIGHT (e.g. 512x512 or 512*512)", "size")
     return int(match.group(1)), int(match.group(2))

@@ -83,6 +83,7 @@ class ModelRegistry:
         self.limits = limits
         self._runners: dict[str, ModelEndpoint] = {}
         self._loads: dict[str, asyncio.Task] = {}
+        self._load_status: dict[str, int] = {}  # uid -> the HTTP status of its load failure (400 or 500)
 
     # --- launch ---------------------------------------------------------------------------------------------
     async def launch(self, body: Mapping[str, Any], *, wait_ready: bool = True) -> str:
@@ -100,8 +101,8 @@ class ModelRegistry:
             except Exception as error:  # noqa: BLE001 - any load fault is reported to the caller
                 if self._runners.get(uid) is runner:
                     del self._runners[uid]
-                status = 400 if isinstance(error, (ModelLoadError, ValueError)) else 500
-                raise ApiError(status, f"model {uid} ({spec.name}) failed to load: {error}",
+                    self._load_status.pop(uid, None)
+                raise ApiError(_load_status(error), f"model {uid} ({spec.name}) failed to load: {error}",
                                code="model_load_failed") from error
         return uid
 
@@ -144,6 +145,7 @@ class ModelRegistry:
             del self._loads[uid]
         if not task.cancelled() and task.exception() is not None:
             log.warning("model %s failed to load: %s", uid, task.exception())
+            self._load_status[uid] = _load_status(task.exception())
         heap.settle()
 
     # --- lookup ---------------------------------------------------------------------------------------------
@@ -163,13 +165,15 @@ class ModelRegistry:
         return runner
 
     def ready(self, runner: ModelEndpoint) -> ModelEndpoint:
-        """`runner` if it can take requests: 503 + Retry-After while loading, 500 with the load error."""
-        if runner.status in ("created", "loading"):
+        """`runner` if it can take requests: 503 + Retry-After while loading; once its load task has failed, the
+        load error as the launch would have answered it (400 for the user's mistake, 500 for a fault)."""
+        failed = self._load_status.get(runner.uid)
+        if failed is not None:
+            raise ApiError(failed, f"model {runner.uid} failed to load: {runner.error}; terminate it "
+                           f"(DELETE /v1/models/{runner.uid}) and launch it again", code="model_load_failed")
+        if runner.status != "ready":  # created, loading, or failed an instant before its load task ended
             raise ApiError(503, f"model {runner.uid} is still loading; retry in a few seconds", code="model_loading",
                            headers={"Retry-After": str(self.retry_after)})
-        if runner.status == "failed":
-            raise ApiError(500, f"model {runner.uid} failed to load: {runner.error}; terminate it "
-                           f"(DELETE /v1/models/{runner.uid}) and launch it again", code="model_load_failed")
         return runner
 
     def pick(self, uid: str | None, ability: str) -> ModelEndpoint:
@@ -222,6 +226,7 @@ class ModelRegistry:
         """Remove the model now (new requests get 404); its waiting and running requests fail with 409."""
         runner = self.runner(uid)
         del self._runners[uid]
+        self._load_status.pop(uid, None)
         load = self._loads.get(uid)
         if load is not None:
             await asyncio.wait({load})  # a load cannot be interrupted; close once it is done
@@ -232,6 +237,12 @@ class ModelRegistry:
     async def close(self) -> None:
         """Terminate every model (at shutdown)."""
         await asyncio.gather(*(self.terminate(uid) for uid in self.uids), return_exceptions=True)
+
+
+def _load_status(error: BaseException) -> int:
+    """A load error's HTTP status: what the user can fix (weights not found, an option this machine cannot
+    honour) is a 400; anything else is a fault of Kiln's (500)."""
+    return 400 if isinstance(error, (ModelLoadError, ValueError)) else 500
 
 
 def _same(value: Any, accepted: Any) -> bool:

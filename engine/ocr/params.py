@@ -7,7 +7,6 @@ parameter is refused, naming it and listing what the model accepts.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -15,6 +14,7 @@ from typing import Any, Callable, Mapping
 from kiln.engine.catalogue import OcrSpec
 from kiln.engine.coerce import to_bool, to_int
 from kiln.engine.schema import read_as, read_kwargs
+from kiln.engine.textinput import parse_json
 
 from ..errors import InvalidRequest
 
@@ -50,7 +50,7 @@ def _pages(name: str, value: Any) -> tuple[int, ...]:
         text = value.strip()
         if text.startswith("["):
             try:
-                value = json.loads(text)
+                value = parse_json(text)
             except ValueError:
                 raise InvalidRequest(f"{name} must be a page number or a list of them, got {value!r}", name) from None
         else:
@@ -97,7 +97,7 @@ def _box(name: str, value: Any) -> tuple[float, float, float, float] | None:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = parse_json(value)
         except ValueError:
             pass
     if (isinstance(value, list) and len(value) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)

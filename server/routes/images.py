@@ -96,7 +96,7 @@ async def _generate(request: Request, runner: Runner, parsed: ParsedRequest, *, 
         images = await result_or_cancel(request, handle.future, lambda: runner.abort(handle.request.request_id))
     except ClientGone:
         return client_gone_response()
-    base_url = str(request.base_url)
+    base_url = context.base_url(request)
     data = await asyncio.to_thread(_items, images, delivery, context.store(request), base_url)
     return JSONResponse({"created": int(time.time()), "data": data})
 

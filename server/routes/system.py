@@ -9,8 +9,12 @@ from ..metrics import render
 
 
 async def status(request: Request) -> Response:
-    registry = request.app.state.registry
-    return JSONResponse({"status": "ok", "models": {runner.uid: runner.status for runner in registry.runners()}})
+    """Health: 200 "ok", or 503 "draining" once shutdown has begun, so load balancers stop sending work."""
+    state = request.app.state
+    models = {runner.uid: runner.status for runner in state.registry.runners()}
+    if state.drain.draining:
+        return JSONResponse({"status": "draining", "models": models}, status_code=503)
+    return JSONResponse({"status": "ok", "models": models})
 
 
 async def metrics(request: Request) -> Response:

@@ -129,5 +129,10 @@ def test_a_failed_load_reports_its_error_and_frees_the_uid(server: KilnServer, t
     result = run_kiln("launch", "-n", "sd-turbo", "-u", "t-broken", "--model-path", str(empty),
                       endpoint=server.endpoint)
     assert result.returncode == 1
-    assert "Failed to launch model" in result.stderr and "not-a-checkpoint" in result.stderr
-    assert "t-broken" not in run_kiln("list", endpoint=server.endpoint).stdout
+    assert "Failed to launch model: 400" in result.stderr and "not-a-checkpoint" in result.stderr
+    offload = run_kiln("launch", "-n", "sd-turbo", "-u", "t-offload", "--tiny", "true", "--cpu_offload", "True",
+                       endpoint=server.endpoint)
+    assert offload.returncode == 1 and "Failed to launch model: 400" in offload.stderr, offload.stderr
+    assert "cpu_offload" in offload.stderr
+    listing = run_kiln("list", endpoint=server.endpoint).stdout
+    assert "t-broken" not in listing and "t-offload" not in listing

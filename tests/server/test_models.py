@@ -111,7 +111,9 @@ def test_failed_load_without_wait_ready_is_reported_on_describe_and_requests(htt
     wait_until(lambda: http.get("/v1/models/broken-later").json()["status"] == "failed", "load failure")
     description = http.get("/v1/models/broken-later").json()
     assert str(tmp_path) in description["error"]
-    error = assert_error(http.post("/v1/images/generations", json={**GENERATE, "model": "broken-later"}), 500,
+    wait_until(lambda: http.post("/v1/images/generations", json={**GENERATE, "model": "broken-later"}).status_code
+               != 503, "the load task to end")
+    error = assert_error(http.post("/v1/images/generations", json={**GENERATE, "model": "broken-later"}), 400,
                          "broken-later", "failed to load", str(tmp_path))
     assert error["code"] == "model_load_failed"
     assert http.delete("/v1/models/broken-later").status_code == 200
