@@ -84,9 +84,16 @@ def startup_launches(demo: bool, names: list[str]) -> tuple[dict[str, Any], ...]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the HTTP server in this process. Startup launches load in the background, so it answers at once."""
+    """Run the HTTP server in this process (or, with --ray, as Ray Serve's ingress, with each model's replicas
+    as Serve deployments). Startup launches load in the background, so it answers at once."""
     from kiln.server.app import Settings, create_app, serve
 
+    if args.ray:
+        from kiln.cluster.serve import serve_on_ray
+        from kiln.cluster.front import ClusterSettings
+
+        settings = Settings(launch=startup_launches(args.demo, args.launch))
+        return serve_on_ray(args.ray, args.host, args.port, settings, ClusterSettings(args.replica_cpus, args.threads))
     if args.threads:
         import torch
 
@@ -275,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="launch catalogue models at start, with default options")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    serve.add_argument("--ray", metavar="local|ADDRESS",
+                       help="serve on Ray Serve: 'local' starts Ray here, else join the cluster at ADDRESS; models "
+                       "then take `replica`, `n_gpu`, `gpu_idx`, `worker_ip`, `request_limits` (needs kiln[ray])")
+    serve.add_argument("--replica-cpus", type=float, default=1.0,
+                       help="with --ray: CPUs Ray reserves per model replica (fractions allowed; default: 1)")
     serve.set_defaults(handler=cmd_serve)
 
     launch = commands.add_parser(
