@@ -176,8 +176,11 @@ class ReplicaSet:
 
         from ray import serve
 
+        # A fixed version makes a changed replica count an in-place update: without one, every serve.run draws a
+        # random version and Serve restarts every replica. Ray 2.60 keeps `version` for internal callers only;
+        # tests/cluster/test_ray_serve.py's scaling test is the contract test for it.
         deployment = serve.deployment(KilnModel).options(
-            name="KilnModel",
+            name="KilnModel", version=f"{self.uid}-{self.created}", _internal=True,
             request_router_config=RequestRouterConfig(request_router_class=KilnRouter,
                                                       request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
             **deployment_options(placement, self.settings.cpus_per_replica),

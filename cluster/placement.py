@@ -71,13 +71,13 @@ def _count(field: str, value: Any, low: int) -> int:
 def parse_placement(fields: MutableMapping[str, Any], cluster: ClusterView) -> Placement:
     """Pop the scale-out fields from a launch body and check them against the cluster (InvalidRequest, a 400
     naming the field, when one cannot be honoured)."""
-    raw = {name: fields.pop(name, None) for name in SCALE_FIELDS}
+    raw = {name: fields.pop(name, None) for name in SCALE_FIELDS if name != "n_gpu"}
+    n_gpu = fields.pop("n_gpu", "auto")  # absent: auto; null: no GPU (Xinference's `--n-gpu none`)
     replicas = 1 if raw["replica"] is None else _count("replica", raw["replica"], 1)
     worker_ip = raw["worker_ip"]
     if worker_ip is not None and worker_ip not in cluster.node_ips:
         raise _bad("worker_ip", f"no alive Ray node has address {worker_ip!r}; nodes: {', '.join(cluster.node_ips)}")
     gpu_idx = _gpu_idx(raw["gpu_idx"], cluster, worker_ip)
-    n_gpu = raw["n_gpu"]
     if isinstance(n_gpu, str) and n_gpu.lower() == "auto":
         gpus = 0.0 if gpu_idx else float(cluster.gpus > 0)
     elif n_gpu is None:

@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import sys
 import time
 from typing import Any, AsyncIterator
 
@@ -37,10 +38,6 @@ class KilnModel:
         import ray
         from ray import serve
 
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
         from kiln.engine.catalogue import CATALOGUE, OCR_CATALOGUE
         from kiln.server.registry import ENDPOINT_KINDS
 
@@ -53,6 +50,8 @@ class KilnModel:
         if device is not None:
             options = dataclasses.replace(options, device=device)
         self.endpoint = ENDPOINT_KINDS[type(spec)].factory(uid, spec, options, limits)
+        if threads and "torch" in sys.modules:  # the image runner imported it; OCR on onnxruntime does not
+            sys.modules["torch"].set_num_threads(threads)
         self.health = StallWatch(self.endpoint)
         self._pending: dict[str, tuple[float, list[int], Any]] = {}  # request id -> (work, lane, handle)
         self._ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=INGRESS_APP)

@@ -11,8 +11,8 @@ which Ray 2.60 still marks alpha; within a rank Serve still skips replicas at ma
 
 from __future__ import annotations
 
+import random
 import time
-from collections import defaultdict, deque
 from typing import Any, Hashable, Mapping, Sequence
 
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
@@ -40,32 +40,36 @@ def rank(replicas: Mapping[Hashable, Mapping[str, Any]], lane: Sequence[int] | N
 
 
 class KilnRouter(FIFOMixin, RequestRouter):
-    """Serve's RequestRouter over `rank`, with the work sent since each replica's last report added in."""
+    """Serve's RequestRouter over `rank`, with the work sent since each replica's last report added in.
+
+    The work is booked to the first-ranked replica when it is chosen (Serve takes it unless that replica is at
+    max_ongoing_requests) under the request's id, so a request ranked again replaces its booking; it is
+    released when the request completes, and forgotten after SENT_MEMORY_S."""
 
     def initialize_state(self, **kwargs: Any) -> None:
-        self._sent: dict[Any, deque[tuple[float, float]]] = defaultdict(deque)  # replica -> (time, work)
+        self._sent: dict[str, tuple[Any, float, float]] = {}  # request id -> (replica id, time, work)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         payload = _payload(pending_request)
-        lane = lane_of(payload) if payload else None
-        by_id = {replica.replica_id: replica for replica in candidate_replicas}
+        candidates = random.sample(candidate_replicas, len(candidate_replicas))  # ties go either way
+        by_id = {replica.replica_id: replica for replica in candidates}
         estimates = {replica_id: self._estimate(replica) for replica_id, replica in by_id.items()}
-        return [[by_id[replica_id]] for replica_id in rank(estimates, lane)]
-
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
-        payload = _payload(pending_request)
-        if payload:
+        ranked = rank(estimates, lane_of(payload) if payload else None)
+        if payload and ranked:
             now = time.time()
-            sent = self._sent[replica_id]
-            sent.append((now, request_work(payload)))
-            while sent and sent[0][0] < now - SENT_MEMORY_S:
-                sent.popleft()
+            self._sent = {key: sent for key, sent in self._sent.items() if sent[1] > now - SENT_MEMORY_S}
+            self._sent[pending_request.metadata.internal_request_id] = (ranked[0], now, request_work(payload))
+        return [[by_id[replica_id]] for replica_id in ranked]
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        self._sent.pop(internal_request_id, None)
 
     def _estimate(self, replica: RunningReplica) -> dict[str, Any]:
         stats = replica.routing_stats or {}
         reported_at = stats.get("at", 0.0)
-        since = sum(work for at, work in self._sent.get(replica.replica_id, ()) if at > reported_at)
+        since = sum(work for replica_id, at, work in self._sent.values()
+                    if replica_id == replica.replica_id and at > reported_at)
         return {"pending_work": stats.get("pending_work", 0.0) + since, "open_lanes": stats.get("open_lanes", [])}
 
 
