@@ -112,8 +112,9 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
-def stop_session(process: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM `process` (started with `start_new_session`), then each process left in its session, by pid."""
+def stop_session(process: subprocess.Popen, grace: float = 20.0) -> None:
+    """SIGTERM `process` (started with `start_new_session`) and wait up to `grace` s; then SIGTERM, and after 3 s
+    SIGKILL, each process still left in its session, by pid."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -121,12 +122,12 @@ def stop_session(process: subprocess.Popen, grace: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 10.0)):
         for pid in session_pids(process.pid):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + wait
         while session_pids(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.1)

@@ -35,7 +35,8 @@ def serve_on_ray(address: str, host: str, port: int, settings: Settings, cluster
     from .ingress import INGRESS_APP, application
 
     local = address == "local"
-    ray.init(address=None if local else address, include_dashboard=False if local else None)
+    # "local" always starts a new instance: without an address ray.init would join the last `ray start` cluster.
+    ray.init(address=address, include_dashboard=False if local else None)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())

@@ -92,6 +92,7 @@ class RayCluster:
         self.veth.delete()
         if self.namespace is not None:
             self.namespace.leave()
+        shutil.rmtree(self.logs, ignore_errors=True)
 
 
 def start_cluster() -> RayCluster:
@@ -106,7 +107,7 @@ def start_cluster() -> RayCluster:
         ray = str(Path(sys.executable).with_name("ray"))
         port = free_port()
         cluster.gcs = f"{cluster.veth.local_ip}:{port}"
-        common = ["--num-gpus", "0", "--disable-usage-stats", "--block"]
+        common = ["--num-gpus", "0", "--disable-usage-stats", "--block", "--temp-dir", str(cluster.logs / "ray")]
         cluster.start("head", [ray, "start", "--head", "--node-ip-address", cluster.veth.local_ip, "--port",
                                str(port), "--num-cpus", str(HEAD_CPUS), "--include-dashboard", "false", *common])
         _wait_for_port(cluster.veth.local_ip, port, cluster, "head")
