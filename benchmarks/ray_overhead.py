@@ -115,6 +115,7 @@ def main() -> int:
     args = parser.parse_args()
     namespace = Namespace()
     require_isolated()
+    load_start = os.getloadavg()[0]  # other work on the machine skews every figure: recorded beside them
     logs = Path("/tmp") / f"kiln-ray-bench-{os.getpid()}"
     logs.mkdir()
     results: dict[str, object] = {}
@@ -157,7 +158,8 @@ def main() -> int:
         for process in started_here:
             stop_session(process)
         namespace.leave()
-    results["machine"] = {"cpus": os.cpu_count(), "requests": args.requests}
+    results["machine"] = {"cpus": os.cpu_count(), "requests": args.requests, "load_average_start": load_start,
+                          "load_average_end": os.getloadavg()[0]}
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0

@@ -272,6 +272,16 @@ def test_the_replica_count_changes_without_restarting_the_others(front, pair) ->
     assert front.get(f"/v1/models/{pair}/replicas").json()["replica"] == 3
 
 
+def test_ocr_models_run_as_replicas_too(front) -> None:
+    from ..server.ocr_helpers import png, render
+
+    assert front.post("/v1/models", json={"model_name": "PP-OCR", "model_uid": "ocr", "replica": 1}).status_code == 200
+    response = front.post("/v1/images/ocr", data={"model": "ocr"}, files={"image": ("a.png", png(render("KILN 42").image))})
+    assert response.status_code == 200 and "KILN" in response.json(), response.text
+    assert [r["status"] for r in replicas(front, "ocr")] == ["ready"]
+    assert front.delete("/v1/models/ocr").status_code == 200
+
+
 def test_terminate_removes_every_replica(front, pair, spread) -> None:
     pids = {r["pid"] for uid in (pair, spread) for r in replicas(front, uid)}
     for uid in (pair, spread):
