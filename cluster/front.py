@@ -76,10 +76,6 @@ class RemoteHandle:
     def progress(self) -> float:
         return 1.0 if self.future.done() else self._progress
 
-    @property
-    def cancelled(self) -> bool:
-        return self.future.done() and isinstance(self.future.exception(), RequestAborted)
-
     def cancel(self) -> bool:
         """End the request now with RequestAborted and cancel its stream. False if it had already ended."""
         if not self.fail(RequestAborted(f"The request has been cancelled: {self.request.request_id}")):
@@ -145,7 +141,7 @@ class ReplicaSet:
         try:
             serve.run(self._application(self.placement), name=self.app_name, route_prefix=None)
         except Exception as error:  # noqa: BLE001 - a replica that cannot load fails the launch
-            self.status, self.error = "failed", _deploy_error(error)
+            self.status, self.error = "failed", str(error).strip()
             _delete(self.app_name)
             raise ModelLoadError(self.error) from None
         self._handle = serve.get_deployment_handle("KilnModel", app_name=self.app_name)
@@ -340,11 +336,6 @@ def _ocr_payload(request: Any) -> dict:
         return {"image": pack_image(document.render(0)), "params": request.params, "request_id": request.request_id}
     finally:
         document.close()
-
-
-def _deploy_error(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[-1] if len(text) > 2000 else text
 
 
 def _delete(app_name: str) -> None:

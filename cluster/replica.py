@@ -138,12 +138,12 @@ class KilnModel:
     # --- reports to the ingress ----------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
         endpoint = self.endpoint
-        try:
-            self.health.check() if endpoint.status == "ready" else None
-            status = endpoint.status
-        except Unhealthy as error:
-            status = f"unhealthy: {error}"
-        ready = endpoint.status == "ready"
+        ready, status = endpoint.status == "ready", endpoint.status
+        if ready:
+            try:
+                self.health.check()
+            except Unhealthy as error:
+                status = f"unhealthy: {error}"
         return {
             "uid": endpoint.uid, "replica": self.replica_id, "pid": self.pid, "node": self.node, "status": status,
             "error": endpoint.error, "stats": dataclasses.asdict(endpoint.stats()) if ready else None,
