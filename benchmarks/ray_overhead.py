@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -30,10 +31,11 @@ from kiln.server.client import wait_until_serving
 REPO = Path(__file__).resolve().parent.parent
 ONE_STEP = {"prompt": "a lighthouse", "size": "64x64", "response_format": "b64_json", "num_inference_steps": 1}
 WORK = {**ONE_STEP, "num_inference_steps": 20}
+LOGS = Path("/tmp") / f"kiln-ray-bench-{os.getpid()}"  # server logs and Ray's session files, removed at the end
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", "RAY_TMPDIR": str(LOGS),
             "KILN_CACHE": os.environ.get("KILN_CACHE", str(REPO / ".kiln-cache")),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
@@ -116,7 +118,7 @@ def main() -> int:
     namespace = Namespace()
     require_isolated()
     load_start = os.getloadavg()[0]  # other work on the machine skews every figure: recorded beside them
-    logs = Path("/tmp") / f"kiln-ray-bench-{os.getpid()}"
+    logs = LOGS
     logs.mkdir()
     results: dict[str, object] = {}
     started_here: list[subprocess.Popen] = []
@@ -158,6 +160,7 @@ def main() -> int:
         for process in started_here:
             stop_session(process)
         namespace.leave()
+        shutil.rmtree(LOGS, ignore_errors=True)
     results["machine"] = {"cpus": os.cpu_count(), "requests": args.requests, "load_average_start": load_start,
                           "load_average_end": os.getloadavg()[0]}
     args.out.write_text(json.dumps(results, indent=2) + "\n")

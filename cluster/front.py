@@ -141,7 +141,7 @@ class ReplicaSet:
         try:
             serve.run(self._application(self.placement), name=self.app_name, route_prefix=None)
         except Exception as error:  # noqa: BLE001 - a replica that cannot load fails the launch
-            self.status, self.error = "failed", str(error).strip()
+            self.status, self.error = "failed", _deploy_failure(self.app_name, error)
             _delete(self.app_name)
             raise ModelLoadError(self.error) from None
         self._handle = serve.get_deployment_handle("KilnModel", app_name=self.app_name)
@@ -336,6 +336,20 @@ def _ocr_payload(request: Any) -> dict:
         return {"image": pack_image(document.render(0)), "params": request.params, "request_id": request.request_id}
     finally:
         document.close()
+
+
+def _deploy_failure(app_name: str, error: Exception) -> str:
+    """Why a deployment failed: serve.run's error only names the deployment; the reason (the replica
+    constructor's traceback) is in the deployment's status message, whose last line is the exception."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+        messages = [d.message for d in app.deployments.values() if d.message] if app else []
+    except Exception:  # noqa: BLE001 - Serve unreachable: say what serve.run said
+        messages = []
+    lines = [line.strip() for line in (messages[0] if messages else str(error)).splitlines() if line.strip()]
+    return lines[-1] if lines else str(error)
 
 
 def _delete(app_name: str) -> None:
