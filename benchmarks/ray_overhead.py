@@ -72,18 +72,26 @@ def start(args: list[str], log: Path, started: list[subprocess.Popen]) -> tuple[
     return process, url
 
 
-def latency(http: httpx.Client, uid: str, count: int) -> dict[str, float]:
-    """One request at a time: p50/p99 of a 1-step 64x64 request (engine time is a few ms)."""
-    for _ in range(10):
-        http.post("/v1/images/generations", json={**ONE_STEP, "model": uid})
-    seconds = []
-    for _ in range(count):
-        started = time.perf_counter()
-        assert http.post("/v1/images/generations", json={**ONE_STEP, "model": uid}).status_code == 200
-        seconds.append(time.perf_counter() - started)
-    seconds.sort()
-    return {"p50_ms": 1000 * statistics.median(seconds), "p99_ms": 1000 * seconds[int(0.99 * (len(seconds) - 1))],
-            "mean_ms": 1000 * statistics.fmean(seconds)}
+def latency(clients: dict[str, httpx.Client], uids: dict[str, str] | None, count: int) -> dict[str, dict[str, float]]:
+    """One request at a time, alternating between the servers (so both see the same machine load): p50/p99 of a
+    1-step 64x64 request (engine time: a few ms), or with `uids` None of `GET /status` (no model at all: the
+    proxy -> ingress hop alone)."""
+    seconds: dict[str, list[float]] = {name: [] for name in clients}
+    for round_ in range(count + 10):
+        for name, http in clients.items():
+            started = time.perf_counter()
+            if uids is None:
+                assert http.get("/status").status_code == 200
+            else:
+                assert http.post("/v1/images/generations", json={**ONE_STEP, "model": uids[name]}).status_code == 200
+            if round_ >= 10:  # the first ten are warm-up
+                seconds[name].append(time.perf_counter() - started)
+    out = {}
+    for name, values in seconds.items():
+        values.sort()
+        out[name] = {"p50_ms": 1000 * statistics.median(values), "p99_ms": 1000 * values[int(0.99 * (len(values) - 1))],
+                     "mean_ms": 1000 * statistics.fmean(values)}
+    return out
 
 
 def throughput(url: str, uid: str, clients: int = 8, per_client: int = 6) -> float:
@@ -123,39 +131,51 @@ def main() -> int:
     results: dict[str, object] = {}
     started_here: list[subprocess.Popen] = []
     try:
-        single, url = start([], logs / "single.log", started_here)
-        with httpx.Client(base_url=url, timeout=300) as http:
-            launch(http, "one")
-            results["single_process"] = {**latency(http, "one", args.requests), "images_per_s": throughput(url, "one"),
-                                         "pss_mb": pss_mb(single.pid)}
-        stop_session(single)
-
+        single, single_url = start([], logs / "single.log", started_here)
+        solo = httpx.Client(base_url=single_url, timeout=300)
+        launch(solo, "one")
+        results["single_process"] = {"pss_mb": pss_mb(single.pid)}
         started = time.perf_counter()
         ray, url = start(["--ray", "local", "--replica-cpus", "0.5"], logs / "ray.log", started_here)
         front_s = time.perf_counter() - started
-        with httpx.Client(base_url=url, timeout=300) as http:
-            idle_mb = pss_mb(ray.pid)
-            launch_s = launch(http, "pair", replica=2)
-            results["ray"] = {"front_start_s": front_s, "two_replica_launch_s": launch_s,
-                              "pss_mb_idle_front": idle_mb, "pss_mb_two_replicas": pss_mb(ray.pid),
-                              **latency(http, "pair", args.requests), "images_per_s_two_replicas": throughput(url, "pair")}
-            assert http.post("/v1/models/pair/replicas", json={"replica": 1}).status_code == 200
-            while len(ready_replicas(http, "pair")) != 1:
-                time.sleep(0.5)
-            results["ray"]["images_per_s_one_replica"] = throughput(url, "pair")
-            assert http.post("/v1/models/pair/replicas", json={"replica": 2}).status_code == 200
-            while len(ready_replicas(http, "pair")) != 2:
-                time.sleep(0.5)
-            victim = ready_replicas(http, "pair")[0]
-            killed = time.perf_counter()
-            os.kill(victim["pid"], 9)
-            while True:
-                listed = ready_replicas(http, "pair")
-                if len(listed) == 2 and victim["pid"] not in {r["pid"] for r in listed}:
-                    break
-                time.sleep(0.2)
-            results["ray"]["replace_killed_replica_s"] = time.perf_counter() - killed
-        stop_session(ray)
+        http = httpx.Client(base_url=url, timeout=300)
+        idle_mb = pss_mb(ray.pid)
+        launch_s = launch(http, "pair", replica=2)
+        results["ray"] = {"front_start_s": front_s, "two_replica_launch_s": launch_s,
+                          "pss_mb_idle_front": idle_mb, "pss_mb_two_replicas": pss_mb(ray.pid)}
+        figures = latency({"single_process": solo, "ray": http}, {"single_process": "one", "ray": "pair"},
+                          args.requests)
+        for name, values in figures.items():
+            results[name].update(values)
+        results["ray"]["added_p50_ms"] = figures["ray"]["p50_ms"] - figures["single_process"]["p50_ms"]
+        results["ray"]["added_p99_ms"] = figures["ray"]["p99_ms"] - figures["single_process"]["p99_ms"]
+        status = latency({"single_process": solo, "ray": http}, None, args.requests)
+        for name, values in status.items():
+            results[name]["status"] = values
+        # Throughput, bracketed: single, two replicas, one replica, single again.
+        single_runs = [throughput(single_url, "one")]
+        results["ray"]["images_per_s_two_replicas"] = throughput(url, "pair")
+        assert http.post("/v1/models/pair/replicas", json={"replica": 1}).status_code == 200
+        while len(ready_replicas(http, "pair")) != 1:
+            time.sleep(0.5)
+        results["ray"]["images_per_s_one_replica"] = throughput(url, "pair")
+        single_runs.append(throughput(single_url, "one"))
+        results["single_process"]["images_per_s"] = statistics.fmean(single_runs)
+        results["single_process"]["images_per_s_runs"] = single_runs
+        assert http.post("/v1/models/pair/replicas", json={"replica": 2}).status_code == 200
+        while len(ready_replicas(http, "pair")) != 2:
+            time.sleep(0.5)
+        victim = ready_replicas(http, "pair")[0]
+        killed = time.perf_counter()
+        os.kill(victim["pid"], 9)
+        while True:
+            listed = ready_replicas(http, "pair")
+            if len(listed) == 2 and victim["pid"] not in {r["pid"] for r in listed}:
+                break
+            time.sleep(0.2)
+        results["ray"]["replace_killed_replica_s"] = time.perf_counter() - killed
+        solo.close()
+        http.close()
     finally:
         for process in started_here:
             stop_session(process)
