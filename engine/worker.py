@@ -81,6 +81,11 @@ class ModelWorker:
         self._requests.fail_all(RequestAborted(f"model {self.uid} was terminated"))
         self.status = "stopped"
 
+    @property
+    def worker_alive(self) -> bool:
+        """False once the worker thread has died without being stopped (a replica's health check reads it)."""
+        return self._thread is None or self._thread.is_alive() or self._stopping.is_set()
+
     # --- the ModelEndpoint doors that every model has alike -------------------------------------------------
     def get(self, request_id: str) -> Any | None:
         """The handle of a request this model knows (running, or finished a short while ago)."""

@@ -68,6 +68,8 @@ def routes() -> list[BaseRoute]:
         Route("/v1/models", models.list_models, methods=["GET"]),
         Route("/v1/models/{uid}", models.describe, methods=["GET"]),
         Route("/v1/models/{uid}", models.terminate, methods=["DELETE"]),
+        Route("/v1/models/{uid}/replicas", models.replicas, methods=["GET"]),
+        Route("/v1/models/{uid}/replicas", models.scale, methods=["POST"]),
         Route("/v1/models/{uid}/requests/{request_id}/abort", requests.abort, methods=["POST"]),
         Route("/v1/requests/{request_id}/progress", requests.progress, methods=["GET"]),
         Route("/v1/model_registrations/image", models.registrations, methods=["GET"]),
@@ -122,6 +124,7 @@ def create_app(registry: ModelRegistry | None = None, *, settings: Settings = Se
     app.state.store = store
     app.state.latency = latency
     app.state.drain = drain
+    app.state.extra_metrics = []  # async () -> str, appended to /metrics (kiln.cluster adds Ray Serve's own)
     return app
 
 

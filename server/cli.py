@@ -108,8 +108,9 @@ def _comma_list(items: list[str]) -> list[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the HTTP server in this process until a SIGTERM/SIGINT has drained it. Startup launches load in the
-    background, so it answers at once."""
+    """Run the HTTP server in this process until a SIGTERM/SIGINT has drained it (or, with --ray, as Ray Serve's
+    ingress, each model's replicas a Serve deployment). Startup launches load in the background, so it answers at
+    once."""
     from kiln.server.app import create_app, serve
     from kiln.server.config import ConfigError, check_launches, read_file, resolve
 
@@ -119,6 +120,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"kiln serve: error: {error}", file=sys.stderr)
         return 2
+    if args.ray:  # Ray Serve's ingress, each model's replicas a Serve deployment
+        from kiln.cluster.front import ClusterSettings
+        from kiln.cluster.serve import serve_on_ray
+
+        return serve_on_ray(args.ray, config.host, config.port, config.settings,
+                            ClusterSettings(args.replica_cpus, config.threads))
     if config.threads:
         import torch
 
@@ -314,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long admitted requests may still run before they are ended "
                        "with a 503 (default: 300; a second signal ends the drain at once)")
+    serve.add_argument("--ray", metavar="local|ADDRESS",
+                       help="serve on Ray Serve: 'local' starts Ray here, else join the cluster at ADDRESS; models "
+                       "then take `replica`, `n_gpu`, `gpu_idx`, `worker_ip`, `request_limits` (needs kiln[ray])")
+    serve.add_argument("--replica-cpus", type=float, default=1.0,
+                       help="with --ray: CPUs Ray reserves per model replica (fractions allowed; default: 1)")
     serve.set_defaults(handler=cmd_serve)
 
     launch = commands.add_parser(

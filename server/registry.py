@@ -19,7 +19,6 @@ from kiln.engine.endpoint import ModelEndpoint
 from kiln.engine.errors import ModelLoadError
 from kiln.engine.ocr import OcrRunner, parse_ocr_options
 from kiln.engine.options import parse_launch_options
-from kiln.engine.runner import Runner
 from kiln.engine.schema import Limits
 
 from . import heap
@@ -39,9 +38,17 @@ class EndpointKind:
     factory: EndpointFactory
 
 
+def _image_runner(uid: str, spec: ModelSpec, options: Any, limits: Limits) -> ModelEndpoint:
+    """The image runner, imported when a model is launched here: torch stays out of a front that only routes
+    (kiln.cluster's ingress)."""
+    from kiln.engine.runner import Runner
+
+    return Runner(uid, spec, options, limits)
+
+
 # Catalogue entry type -> how it launches. A distributed front replaces the factories, nothing else.
 ENDPOINT_KINDS: Mapping[type, EndpointKind] = {
-    ModelSpec: EndpointKind(parse_launch_options, Runner),
+    ModelSpec: EndpointKind(parse_launch_options, _image_runner),
     OcrSpec: EndpointKind(parse_ocr_options, lambda uid, spec, options, limits: OcrRunner(uid, spec, options)),
 }
 _UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -67,6 +74,9 @@ _CLIENT_FIELDS: Mapping[str, tuple[Any, ...]] = {
     "virtual_env_find_links": ([],),
     "envs": ({},),
 }
+# The fields that scale a model out: honoured by `kiln serve --ray` (kiln.cluster), refused here saying so.
+SCALE_OUT_FIELDS = frozenset({"replica", "n_gpu", "gpu_idx", "worker_ip", "request_limits"})
+_RAY_HINT = "; start the server with `kiln serve --ray local` (or --ray ADDRESS) to run replicas and place them on GPUs"
 
 
 class ModelRegistry:
@@ -136,7 +146,8 @@ class ModelRegistry:
             value = fields.pop(field, None)
             if value is not None and not any(_same(value, ok) for ok in honoured):
                 accepted = ", ".join(["null", *(repr(ok) for ok in honoured)])
-                raise bad_request(f"{field}={value!r} is not supported by Kiln; accepted: {accepted}", field,
+                hint = _RAY_HINT if field in SCALE_OUT_FIELDS else ""
+                raise bad_request(f"{field}={value!r} is not supported by Kiln; accepted: {accepted}{hint}", field,
                                   "unsupported_option")
         return uid, spec, self.kinds[type(spec)].parse_options(spec, fields)
 
@@ -220,6 +231,12 @@ class ModelRegistry:
 
     def describe_all(self) -> list[dict[str, Any]]:
         return [self.describe(uid) for uid in self._runners]
+
+    async def scale(self, uid: str, replicas: Any) -> None:
+        """`POST /v1/models/{uid}/replicas`: one process serves each model here; kiln.cluster's registry scales."""
+        self.runner(uid)
+        raise bad_request(f"this server runs model {uid} in one process, so its replica count cannot change"
+                          f"{_RAY_HINT}", "replica", "unsupported_option")
 
     # --- termination ----------------------------------------------------------------------------------------
     async def terminate(self, uid: str) -> None:

@@ -16,8 +16,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from kiln.engine.catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE
 from kiln.engine.images import ImageStore, ImageTooLarge, NotAnImage, decode_upload, encode, media_type
+from kiln.engine.endpoint import ModelEndpoint
 from kiln.engine.requests import GeneratedImage, ImageRequest, RequestHandle
-from kiln.engine.runner import Runner
 from kiln.engine.schema import Delivery, ParsedRequest, fit_size, parse_image_request
 
 from ..errors import ApiError, bad_request
@@ -82,7 +82,7 @@ async def _from_form(
     return await _generate(request, runner, parsed, prefix=prefix)
 
 
-async def _generate(request: Request, runner: Runner, parsed: ParsedRequest, *, prefix: str) -> Response:
+async def _generate(request: Request, runner: ModelEndpoint, parsed: ParsedRequest, *, prefix: str) -> Response:
     delivery = parsed.delivery
     if delivery.stream:
         channel = PreviewChannel(asyncio.get_running_loop())
@@ -101,7 +101,7 @@ async def _generate(request: Request, runner: Runner, parsed: ParsedRequest, *, 
     return JSONResponse({"created": int(time.time()), "data": data})
 
 
-def _submit(request: Request, runner: Runner, image_request: ImageRequest, on_preview=None) -> RequestHandle:
+def _submit(request: Request, runner: ModelEndpoint, image_request: ImageRequest, on_preview=None) -> RequestHandle:
     progress = context.registry(request).request_progress(image_request.request_id)
     if progress is not None and progress < 1.0:
         raise bad_request(f"request_id {image_request.request_id!r} is already running; use a new one",

@@ -33,6 +33,22 @@ async def describe(request: Request) -> Response:
     return JSONResponse(context.registry(request).describe(request.path_params["uid"]))
 
 
+async def replicas(request: Request) -> Response:
+    """`GET /v1/models/{uid}/replicas` -> {"replica": N, "replicas": [{"id", "status", "pid", "node"}]}."""
+    description = context.registry(request).describe(request.path_params["uid"])
+    return JSONResponse({"replica": description["replica"], "replicas": description.get("replicas", [])})
+
+
+async def scale(request: Request) -> Response:
+    """`POST /v1/models/{uid}/replicas` {"replica": N}: change the replica count without restarting the others."""
+    body = await read_json_object(request)
+    if "replica" not in body:
+        raise bad_request('send {"replica": N}, the number of replicas wanted', "replica", "missing_parameter")
+    uid = request.path_params["uid"]
+    await context.registry(request).scale(uid, body["replica"])
+    return JSONResponse({"model_uid": uid, "replica": body["replica"]})
+
+
 async def terminate(request: Request) -> Response:
     """Xinference answers a terminate with a JSON null."""
     await context.registry(request).terminate(request.path_params["uid"])

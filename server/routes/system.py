@@ -20,6 +20,7 @@ async def status(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state = request.app.state
     text = render(state.registry.runners(), state.latency, len(state.store))
+    text += "".join([await source() for source in state.extra_metrics])
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 

@@ -75,7 +75,8 @@ def test_uid_defaults_to_the_model_name(http: httpx.Client) -> None:
         ({"model_name": "sd-9000"}, "model_name", ["sd-9000", "sd-turbo", "FLUX.1-dev"]),
         ({"model_name": "sd-turbo", "model_type": "LLM"}, "model_type", ["model_type", "image"]),
         ({"model_name": "sd-turbo", "model_uid": "a/b"}, "model_uid", ["model_uid"]),
-        ({"model_name": "sd-turbo", "replica": 2}, "replica", ["replica=2", "not supported"]),
+        ({"model_name": "sd-turbo", "replica": 2}, "replica", ["replica=2", "not supported", "kiln serve --ray"]),
+        ({"model_name": "sd-turbo", "gpu_idx": [0]}, "gpu_idx", ["gpu_idx", "kiln serve --ray"]),
         ({"model_name": "sd-turbo", "n_gpu": 4}, "n_gpu", ["n_gpu"]),
         ({"model_name": "sd-turbo", "model_engine": "vLLM"}, "model_engine", ["model_engine", "diffusers"]),
         ({"model_name": "sd-turbo", "peft_model_config": {"lora_list": [1]}}, "peft_model_config", ["peft"]),
@@ -91,6 +92,12 @@ def test_launch_errors(http: httpx.Client, body: dict, param: str | None, words:
     assert error["param"] == param
     after = {item["id"] for item in http.get("/v1/models").json()["data"]}
     assert after == before
+
+
+def test_one_process_cannot_change_a_replica_count(http: httpx.Client) -> None:
+    assert http.get("/v1/models/sd/replicas").json() == {"replica": 1, "replicas": []}
+    assert_error(http.post("/v1/models/sd/replicas", json={"replica": 2}), 400, "one process", "kiln serve --ray")
+    assert_error(http.post("/v1/models/nobody/replicas", json={"replica": 2}), 404, "nobody")
 
 
 def test_launch_body_must_be_json(http: httpx.Client) -> None:
