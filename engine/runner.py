@@ -20,6 +20,7 @@ from .execution import Executor
 from .families import make_family
 from .loading import LoadedModel, load_model
 from .memory import CPU_BATCH_SIZE, batch_budget
+from .openmp import release_thread_pool
 from .options import LaunchOptions
 from .requests import ImageRequest, Job, RequestHandle
 from .errors import EngineError, InvalidRequest, QueueFull, RequestAborted
@@ -145,6 +146,8 @@ class Runner(ModelWorker):
         while not self._stopping.is_set():
             if self.scheduler.wait_for_work(timeout=0.5):
                 self.iterate()
+            else:  # idle for half a second: hold no OpenMP workers that would slow the other models (openmp.py)
+                release_thread_pool()
 
     @torch.no_grad()
     def iterate(self) -> None:
