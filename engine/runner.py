@@ -32,6 +32,7 @@ log = logging.getLogger("kiln.engine")
 
 MAX_STEPS = 500
 MAX_GUIDANCE = 100.0
+TINY_LANE = (64, 64)  # the lane tiny checkpoints serve in the tests, the demo and the benchmarks: warmed and timed
 _MODE_ABILITY = {"text2image": TEXT2IMAGE, "image2image": IMAGE2IMAGE, "inpainting": INPAINTING}
 
 
@@ -78,7 +79,8 @@ class Runner(ModelWorker):
             self.scheduler.max_batch_size = budget.max_batch_size
             self.backend_info = launch_backend(
                 self.options.backend, family, model=self.spec.name, source=self.loaded.source, max_batch_size=budget.max_batch_size,
-                warmup_size=warmup_size or self.spec.default_size, cpu_offload=self.options.cpu_offload,
+                warmup_size=warmup_size or (TINY_LANE if self.options.tiny else self.spec.default_size),
+                cpu_offload=self.options.cpu_offload,
             )
             self.executor = Executor(family, budget)
             self.executor.on_forward = self._record_forward

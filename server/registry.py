@@ -200,6 +200,7 @@ class ModelRegistry:
             "error": runner.error,
             "launch_options": _options(runner.options),
             "max_batch_size": runner.max_batch_size,  # resolved: "auto" becomes a number at load
+            "backend": getattr(runner, "backend_info", None) or None,  # what runs the denoiser; auto's timings
         }
 
     def describe_all(self) -> list[dict[str, Any]]:
