@@ -35,6 +35,7 @@ class Settings:
     reference_size: bool = False  # real-size random-weight models (engine.tiny.build_reference), for GPUs
     device: str = "auto"
     torch_dtype: str | None = None
+    backend: str | None = None  # Kiln's launch option `backend` (None: its default, auto); baselines are diffusers
     warmup: bool = True
     rounds: int = 1  # each system runs every plan this many times, alternating systems; figures pool the rounds
     memory_check: bool = True
@@ -52,6 +53,8 @@ def model_options(settings: Settings, model: str, log: Log) -> dict[str, Any]:
     options: dict[str, Any] = {"device": settings.device}
     if settings.torch_dtype:
         options["torch_dtype"] = settings.torch_dtype
+    if settings.backend:
+        options["backend"] = settings.backend
     if not settings.reference_size:
         options["tiny"] = True
         return options
