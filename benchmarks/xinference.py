@@ -44,9 +44,11 @@ def _wait(endpoint: str, path: str, seconds: float, process: subprocess.Popen) -
     raise RuntimeError(f"{endpoint} did not answer within {seconds} s")
 
 
-def closed_loop(endpoint: str, uid: str, clients: int, requests: int, steps: int, guidance: float) -> dict:
+def closed_loop(endpoint: str, uid: str, clients: int, requests: int, steps: int, guidance: float,
+                headers: dict[str, str] | None = None) -> dict:
     """`clients` threads sending `requests` in all, each its next one when its last returns."""
-    client = httpx.Client(base_url=endpoint, timeout=900, limits=httpx.Limits(max_connections=clients))
+    client = httpx.Client(base_url=endpoint, timeout=900, limits=httpx.Limits(max_connections=clients),
+                          headers=headers)
     latencies: list[float] = []
     errors: list[str] = []
     counter = iter(range(requests))
@@ -82,6 +84,19 @@ def closed_loop(endpoint: str, uid: str, clients: int, requests: int, steps: int
             "latency_s": percentiles(latencies)}
 
 
+def _first_run_login(endpoint: str, log: Path) -> dict[str, str]:
+    """Xinference 4 serves nothing before an admin exists: create one with the setup token it logs, log in."""
+    import re
+
+    found = re.search(r"Setup token: (\S+)", log.read_text(errors="replace"))
+    if found is None:
+        return {}
+    account = {"username": "bench", "password": "bench-password-1"}
+    httpx.post(f"{endpoint}/v1/admin/setup", json={"setup_token": found.group(1), **account}, timeout=60)
+    token = httpx.post(f"{endpoint}/token", json=account, timeout=60).json()["access_token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
 def run_xinference(bin_dir: Path, checkpoint: Path, args: argparse.Namespace) -> dict:
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -92,11 +107,12 @@ def run_xinference(bin_dir: Path, checkpoint: Path, args: argparse.Namespace) ->
                                        env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait(endpoint, "/v1/models", 300, process)
-            launch = httpx.post(f"{endpoint}/v1/models", timeout=900, json={
+            headers = _first_run_login(endpoint, Path(home) / "server.log")
+            launch = httpx.post(f"{endpoint}/v1/models", timeout=900, headers=headers, json={
                 "model_uid": "sd", "model_name": MODEL, "model_type": "image", "model_path": str(checkpoint)})
             if launch.status_code != 200:
                 raise RuntimeError(f"Xinference launch failed: {launch.status_code} {launch.text[:500]}")
-            return closed_loop(endpoint, "sd", args.clients, args.requests, args.steps, args.guidance)
+            return closed_loop(endpoint, "sd", args.clients, args.requests, args.steps, args.guidance, headers)
         finally:
             process.terminate()
             process.wait(timeout=60)

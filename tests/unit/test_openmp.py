@@ -1,7 +1,10 @@
 """An idle thread gives its OpenMP workers back (engine/openmp.py): libgomp throttles every pool's spin-wait once
 the process holds more workers than CPUs, so a pool left behind by a loader or an idle model slows the others."""
 
+import functools
 import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +14,24 @@ import torch
 from kiln.engine.openmp import _libgomp, release_thread_pool
 
 pytestmark = pytest.mark.skipif(_libgomp() is None, reason="torch does not run on libgomp here")
+CHILD = "KILN_OPENMP_TEST_CHILD"
+
+
+def in_a_fresh_process(test):
+    """Run the test in its own pytest process: it counts the process's threads, which other tests' servers and
+    pools would change under it."""
+    if os.environ.get(CHILD):
+        return test
+
+    @functools.wraps(test)
+    def spawn(**_):
+        node = f"{__file__}::{test.__name__}"
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+                              env={**os.environ, CHILD: "1"}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:]
+
+    spawn.__signature__ = __import__("inspect").Signature()  # no fixtures in the parent
+    return spawn
 
 
 def _threads() -> int:
@@ -29,6 +50,7 @@ def _parallel_op() -> None:
     torch.nn.functional.silu(torch.ones(512, 1024))  # above ATen's grain size: a parallel region
 
 
+@in_a_fresh_process
 def test_a_thread_that_ran_a_parallel_op_keeps_a_worker_until_it_releases_it(two_torch_threads):
     with ThreadPoolExecutor(1) as pool:
         pool.submit(lambda: None).result()
@@ -58,6 +80,7 @@ def _settles_at(count: int) -> bool:
     return _threads() == count
 
 
+@in_a_fresh_process
 def test_an_idle_runner_and_its_loader_hold_no_openmp_workers(two_torch_threads):
     from kiln.engine.catalogue import get_spec
     from kiln.engine.options import parse_launch_options
@@ -73,7 +96,7 @@ def test_an_idle_runner_and_its_loader_hold_no_openmp_workers(two_torch_threads)
         threading.Event().wait(0.3)  # a joined thread's OS thread ends a moment after join returns
         before = _threads()
         flux = get_spec("FLUX.1-schnell")  # its 8-bit T5's probe forward at load runs parallel regions
-        idle = Runner("flux", flux, parse_launch_options(flux, {"tiny": True}))
+        idle = Runner("flux", flux, parse_launch_options(flux, {"tiny": True, "backend": "eager"}))
         loader.submit(idle.load).result()
         runner = Runner("sd", spec, options)
         loader.submit(runner.load).result()
