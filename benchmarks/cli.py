@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEM_NAMES = ("kiln", "sequential", "static", "limit")
+SYSTEM_NAMES = ("kiln", "sequential", "static", "limit")  # and kiln+idle, with --idle-neighbours
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="launch option device (default: auto)")
     parser.add_argument("--torch-dtype", choices=["float32", "float16", "bfloat16"],
                         help="launch option torch_dtype (default: the model's)")
+    parser.add_argument("--backend", help="Kiln's launch option backend (default: auto); the baselines run diffusers")
+    parser.add_argument("--idle-neighbours", nargs="+", default=[], metavar="MODEL",
+                        help="also run Kiln as system kiln+idle, with these models launched beside the measured ones "
+                             "and left idle ('all': what kiln serve --demo loads); ratio kiln+idle/kiln")
     parser.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up requests")
     parser.add_argument("--no-memory-check", action="store_true",
                         help="skip the `kiln serve --demo` memory check")
@@ -121,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(
         threads=args.threads, max_batch_size=args.max_batch_size, static_wait_s=args.static_wait,
         systems=tuple(args.systems), reference_size=args.reference_size, device=args.device,
-        torch_dtype=args.torch_dtype, warmup=not args.no_warmup, rounds=max(1, args.rounds), memory_check=not args.no_memory_check,
+        torch_dtype=args.torch_dtype, backend=args.backend, warmup=not args.no_warmup, idle_neighbours=tuple(args.idle_neighbours), rounds=max(1, args.rounds), memory_check=not args.no_memory_check,
         logs=args.logs or args.output.parent / "logs",
     )
     try:

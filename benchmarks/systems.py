@@ -100,6 +100,11 @@ class KilnHttp:
             time.sleep(0.5)
         raise BenchError(f"models not ready within {timeout}s: {models}")
 
+    def describe(self, model: str) -> dict[str, Any]:
+        response = httpx.get(f"{self.endpoint}/v1/models/{model}", timeout=60)
+        response.raise_for_status()
+        return response.json()
+
     def models(self) -> list[str]:
         return list(httpx.get(f"{self.endpoint}/status", timeout=10).json().get("models", {}))
 

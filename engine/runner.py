@@ -21,8 +21,9 @@ from .execution import Executor
 from .families import make_family
 from .loading import LoadedModel, load_model
 from .memory import CPU_BATCH_SIZE, batch_budget
+from .openmp import release_thread_pool
 from .options import LaunchOptions
-from .parts import Part, make_parts
+from .parts import Part, make_parts, unsupported_backends
 from .requests import ImageRequest, LaneKey, PreviewCallback, RequestHandle, job_specs
 from .scheduler import Event, Failed, Finished, Preview, Progress, Scheduler, StepPlan, StepResult
 from .schema import Limits, check_request
@@ -31,6 +32,7 @@ from .worker import ModelWorker
 log = logging.getLogger("kiln.engine")
 
 StepObserver = Callable[[StepPlan, StepResult], None]
+TINY_LANE = (64, 64)  # the lane tiny checkpoints serve in the tests, the demo and the benchmarks: warmed and timed
 
 
 class Runner(ModelWorker):
@@ -63,12 +65,13 @@ class Runner(ModelWorker):
             family = make_family(self.spec.family, self.loaded.pipeline, self.loaded.device, self.loaded.dtype)
             budget = batch_budget(family, self.options.max_batch_size, self.spec.default_size)
             self.scheduler.max_batch_size = budget.max_batch_size
+            self.parts = make_parts(self.spec, self.options, family)
             self.backend_info = launch_backend(
                 self.options.backend, family, model=self.spec.name, source=self.loaded.source,
-                max_batch_size=budget.max_batch_size, warmup_size=warmup_size or self.spec.default_size,
-                cpu_offload=self.options.cpu_offload,
+                max_batch_size=budget.max_batch_size,
+                warmup_size=warmup_size or (TINY_LANE if self.options.tiny else self.spec.default_size),
+                cpu_offload=self.options.cpu_offload, unsupported=unsupported_backends(self.parts),
             )
-            self.parts = make_parts(self.spec, self.options, family)
             self.executor = Executor(family, budget, self.parts)
 
         self._load_and_start(load, start)
@@ -150,6 +153,8 @@ class Runner(ModelWorker):
         while not self._stopping.is_set():
             if self.scheduler.wait_for_work(timeout=0.5):
                 self.iterate()
+            else:  # idle for half a second: hold no OpenMP workers that would slow the other models (openmp.py)
+                release_thread_pool()
 
     @torch.no_grad()
     def iterate(self) -> None:

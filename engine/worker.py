@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from .endpoint import EndpointStats
 from .errors import RequestAborted
+from .openmp import release_thread_pool
 from .requests import RequestBook
 
 
@@ -66,6 +67,8 @@ class ModelWorker:
         except Exception as error:
             self.status, self.error = "failed", str(error)
             raise
+        finally:
+            release_thread_pool()  # the loading thread (a server pool thread) will not run this model
         if start:
             self._thread = threading.Thread(target=self._loop, name=f"{self.thread_name}-{self.uid}", daemon=True)
             self._thread.start()

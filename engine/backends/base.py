@@ -87,17 +87,20 @@ class EagerBackend(Backend):
 
 
 # --- batch buckets and padding ----------------------------------------------------------------------------------
-def batch_buckets(max_rows: int) -> tuple[int, ...]:
-    """1, 2, 4, 8, ... below max_rows, then max_rows itself: the batch sizes a shape-specialising backend
-    compiles, so that any batch of 1..max_rows rows runs on a compiled size without padding to more than
-    twice its rows."""
+def batch_buckets(max_rows: int, fine: bool = False) -> tuple[int, ...]:
+    """The batch sizes a shape-specialising backend compiles, up to max_rows (itself the last), so that any
+    batch of 1..max_rows rows runs on a compiled size: 1, 2, 4, 8, ... (a batch padded to at most twice its rows),
+    or with `fine` also 3, 6, 12, 24, ... between them (padding at most a third of a bucket: where every padded row
+    costs as much as a real one, as in a CUDA graph on a busy GPU, at the price of more graphs)."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    buckets, size = [], 1
+    sizes, size = set(), 1
     while size < max_rows:
-        buckets.append(size)
+        sizes.add(size)
+        if fine and size >= 2 and size * 3 // 2 < max_rows:
+            sizes.add(size * 3 // 2)
         size *= 2
-    return (*buckets, max_rows)
+    return (*sorted(sizes), max_rows)
 
 
 def bucket_for(rows: int, buckets: Sequence[int]) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..backends import SPECIFIC_BACKENDS
 from .base import Part
 from .init_image import InitImage
 from .inpaint import InpaintBlend
@@ -29,9 +30,21 @@ from .inpaint import InpaintBlend
 # Every part type, in hook order: the inpainting blend builds on the image-to-image start.
 PART_TYPES: tuple[type[Part], ...] = (InitImage, InpaintBlend)
 
-__all__ = ["PART_TYPES", "Part", "make_parts"]
+__all__ = ["PART_TYPES", "Part", "make_parts", "unsupported_backends"]
 
 
 def make_parts(spec: Any, options: Any, family: Any) -> list[Part]:
     """The parts a launched model can use, one instance each, in hook order."""
     return [part_type(family, options) for part_type in PART_TYPES if part_type.enabled(spec, options)]
+
+
+def unsupported_backends(parts: list[Part]) -> dict[str, str]:
+    """Backend name -> why a launch with these parts cannot use it (what `backend: auto` skips and an explicit
+    backend is refused for)."""
+    refused: dict[str, str] = {}
+    for part in parts:
+        if part.backends is not None:
+            for name in SPECIFIC_BACKENDS:
+                if name not in part.backends:
+                    refused.setdefault(name, f"{part.name} runs on {' and '.join(sorted(part.backends))} only")
+    return refused

@@ -36,6 +36,9 @@ def test_list_and_describe(http: httpx.Client) -> None:
     assert description["model_name"] == "stable-diffusion-v1.5" and isinstance(description["created"], int)
     assert description["model_ability"] == ["text2image", "image2image", "inpainting"]
     assert by_id["sd"]["model_ability"] == ["text2image"]
+    backend = description["backend"]  # what runs the denoiser; auto says what it measured (test_auto_backend.py)
+    assert backend["requested"] == "auto" and backend["backend"] == backend["auto"]["chosen"]
+    assert backend["auto"]["why"] and backend["auto"]["forward_ms"]["eager"]
 
 
 def test_unknown_uid_is_404_listing_running_uids(http: httpx.Client) -> None:
