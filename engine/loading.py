@@ -77,9 +77,11 @@ def _hub_offline() -> bool:
 
 
 def resolve_weights(spec: ModelSpec, options: LaunchOptions) -> Path:
-    """The local diffusers directory to load `spec` from, downloading it only when nothing local has it."""
-    if options.model_path:
-        path = Path(options.model_path).expanduser()
+    """The local diffusers directory to load `spec` from (a registered model's is its folder), downloading it
+    only when nothing local has it."""
+    local = options.model_path or (None if spec.builtin else spec.hub_id)
+    if local:
+        path = Path(local).expanduser()
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(
                 f"model_path {str(path)!r} is not a diffusers checkpoint: it has no model_index.json; pass a "

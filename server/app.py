@@ -29,7 +29,7 @@ from kiln.engine.schema import Limits
 from .errors import EXCEPTION_HANDLERS, ApiError, error_response
 from .metrics import LatencyMiddleware, RequestLatency
 from .registry import ModelRegistry
-from .routes import images, models, ocr, requests, system
+from .routes import images, models, ocr, registrations, requests, system
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9997  # Xinference's
@@ -61,13 +61,20 @@ def routes() -> list[Route]:
         Route("/v1/images/files/{name}", images.stored_file, methods=["GET"]),
         Route("/v1/models", models.launch, methods=["POST"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
+        Route("/v1/models/instances", models.instances, methods=["GET"]),  # before {uid}, which would take it
         Route("/v1/models/{uid}", models.describe, methods=["GET"]),
         Route("/v1/models/{uid}", models.terminate, methods=["DELETE"]),
+        Route("/v1/models/{uid}/progress", models.launch_progress, methods=["GET"]),
+        Route("/v1/models/{uid}/cancel", models.cancel, methods=["POST"]),
         Route("/v1/models/{uid}/requests/{request_id}/abort", requests.abort, methods=["POST"]),
         Route("/v1/requests/{request_id}/progress", requests.progress, methods=["GET"]),
-        Route("/v1/model_registrations/image", models.registrations, methods=["GET"]),
-        Route("/v1/model_registrations/image/{name}", models.registration, methods=["GET"]),
+        Route("/v1/model_registrations/image", registrations.registrations, methods=["GET"]),
+        Route("/v1/model_registrations/image", registrations.register, methods=["POST"]),
+        Route("/v1/model_registrations/image/{name}", registrations.registration, methods=["GET"]),
+        Route("/v1/model_registrations/image/{name}", registrations.unregister, methods=["DELETE"]),
+        Route("/v1/engines/image/{model_name}", registrations.engines, methods=["GET"]),
         Route("/v1/cluster/auth", system.cluster_auth, methods=["GET"]),
+        Route("/v1/address", system.address, methods=["GET"]),
         Route("/status", system.status, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),
     ]

@@ -101,47 +101,73 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.endpoint, api_key=args.api_key)
 
 
-def wait_until_ready(client: Client, model_uid: str, out: TextIO = sys.stderr) -> dict:
-    """Poll the model's description until it is ready, printing a dot per poll; raise with the load error.
+def wait_until_ready(client: Client, model_uid: str, out: TextIO = sys.stderr, progress: Client | None = None) -> dict:
+    """Poll the model's description until it is ready, drawing the launch progress (read from the bar's thread,
+    with `progress` if given) as Xinference's CLI does; raise with the load error.
 
     Kiln describes a loading model with its `status`; Xinference answers 503 until ready and has no status.
     """
-    while True:
-        try:
-            description = client.describe_model(model_uid)
-        except KilnError as error:
-            if error.status_code != 503:
-                raise
-        else:
-            status = description.get("status", "ready")
-            if status == "ready":
-                print(file=out)
-                return description
-            if status == "failed":
-                print(file=out)
-                raise KilnError("launch model", 500, description.get("error") or f"model {model_uid} failed")
-        print(".", end="", file=out, flush=True)
-        time.sleep(LAUNCH_POLL_SECONDS)
+    reader = progress or client
+    with ProgressBar(lambda: reader.get_launch_model_progress(model_uid)["progress"], out):
+        while True:
+            try:
+                description = client.describe_model(model_uid)
+            except KilnError as error:
+                if error.status_code != 503:
+                    raise
+            else:
+                status = description.get("status", "ready")
+                if status == "ready":
+                    return description
+                if status == "failed":
+                    raise KilnError("launch model", 500, description.get("error") or f"model {model_uid} failed")
+            time.sleep(LAUNCH_POLL_SECONDS)
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    """Launch without blocking the HTTP call, then poll, so a slow load shows progress and a failure its reason.
+    """Launch without blocking the HTTP call, then poll, so a slow load shows its progress and a failure its
+    reason. Ctrl-C cancels the launch (Xinference's CLI asks first; here the interrupt is the answer).
 
     A failed load is terminated, freeing its uid, as a launch with wait_ready=true would leave it.
     """
-    with _client(args) as client:
+    with _client(args) as client, _client(args) as progress:
         uid = client.launch_model(
             args.model_name, args.model_type, model_uid=args.model_uid, model_path=args.model_path,
             wait_ready=False, **args.options,
         )
-        print(f"Launching {uid}", end="", file=sys.stderr, flush=True)
+        print(f"Launching {uid}", file=sys.stderr, flush=True)
         try:
-            wait_until_ready(client, uid)
+            wait_until_ready(client, uid, progress=progress)
+        except KeyboardInterrupt:
+            with contextlib.suppress(KilnError):
+                client.cancel_launch_model(uid)
+            print(f"Launch of {uid} cancelled", file=sys.stderr)
+            return 130
         except KilnError:
             with contextlib.suppress(KilnError):
                 client.terminate_model(uid)
             raise
     print(f"Model uid: {uid}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register a custom model from a spec file (Xinference's format); the server checks it."""
+    spec = args.file.read_text(encoding="utf-8")
+    with _client(args) as client:
+        client.register_model(args.model_type, spec, persist=args.persist)
+    name = json.loads(spec).get("model_name") if spec.strip().startswith("{") else None
+    print(f"Registered {name}" + (" (persisted)" if args.persist else ""))
+    return 0
+
+
+def cmd_unregister(args: argparse.Namespace) -> int:
+    name = args.name or args.model_name
+    if not name:
+        raise KilnError("unregister model", 400, "give the model name: kiln unregister NAME")
+    with _client(args) as client:
+        client.unregister_model(args.model_type, name)
+    print(f"Unregistered {name}")
     return 0
 
 
@@ -297,6 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
     terminate.add_argument("-u", "--model-uid", "--model_uid", dest="model_uid", required=True)
     _add_endpoint(terminate)
     terminate.set_defaults(handler=cmd_terminate)
+
+    register = commands.add_parser("register", help="register a custom model (a local diffusers folder) by name")
+    register.add_argument("-f", "--file", type=Path, required=True, help="the model spec, JSON as Xinference's")
+    register.add_argument("-t", "--model-type", "--model_type", dest="model_type", default="image")
+    register.add_argument("-p", "--persist", action="store_true", help="keep it across restarts (under $KILN_HOME)")
+    _add_endpoint(register)
+    register.set_defaults(handler=cmd_register)
+
+    unregister = commands.add_parser("unregister", help="remove a registered model")
+    unregister.add_argument("name", nargs="?", metavar="NAME")
+    unregister.add_argument("-n", "--model-name", "--model_name", dest="model_name", help="as Xinference's CLI takes it")
+    unregister.add_argument("-t", "--model-type", "--model_type", dest="model_type", default="image")
+    _add_endpoint(unregister)
+    unregister.set_defaults(handler=cmd_unregister)
 
     generate = commands.add_parser("generate", help="generate images with a running model and save them")
     generate.add_argument("-m", "--model", required=True, help="model uid")
