@@ -29,7 +29,7 @@ from kiln.engine.schema import Limits
 from .errors import EXCEPTION_HANDLERS, ApiError, error_response
 from .metrics import LatencyMiddleware, RequestLatency
 from .registry import ModelRegistry
-from .routes import images, models, ocr, registrations, requests, system
+from .routes import images, models, ocr, registrations, requests, sdapi, system
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9997  # Xinference's
@@ -75,6 +75,15 @@ def routes() -> list[Route]:
         Route("/v1/engines/image/{model_name}", registrations.engines, methods=["GET"]),
         Route("/v1/cluster/auth", system.cluster_auth, methods=["GET"]),
         Route("/v1/address", system.address, methods=["GET"]),
+        Route("/sdapi/v1/txt2img", sdapi.txt2img, methods=["POST"]),
+        Route("/sdapi/v1/img2img", sdapi.img2img, methods=["POST"]),
+        Route("/sdapi/v1/options", sdapi.get_options, methods=["GET"]),
+        Route("/sdapi/v1/options", sdapi.set_options, methods=["POST"]),
+        Route("/sdapi/v1/sd-models", sdapi.sd_models, methods=["GET"]),
+        Route("/sdapi/v1/samplers", sdapi.samplers, methods=["GET"]),
+        Route("/sdapi/v1/scripts", sdapi.scripts, methods=["GET"]),
+        Route("/sdapi/v1/progress", sdapi.progress, methods=["GET"]),
+        Route("/sdapi/v1/interrupt", sdapi.interrupt, methods=["POST"]),
         Route("/status", system.status, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),
     ]
@@ -116,6 +125,7 @@ def create_app(registry: ModelRegistry | None = None, *, settings: Settings = Se
     app.state.settings = settings
     app.state.store = store
     app.state.latency = latency
+    app.state.sdapi = sdapi.SdapiState()
     return app
 
 

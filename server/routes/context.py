@@ -11,6 +11,7 @@ from kiln.engine.images import ImageStore
 if TYPE_CHECKING:
     from ..app import Settings
     from ..registry import ModelRegistry
+    from .sdapi import SdapiState
 
 
 def registry(request: Request) -> "ModelRegistry":
@@ -23,3 +24,7 @@ def settings(request: Request) -> "Settings":
 
 def store(request: Request) -> ImageStore:
     return request.app.state.store
+
+
+def sdapi(request: Request) -> "SdapiState":
+    return request.app.state.sdapi
