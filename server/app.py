@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Mapping
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.engine.images import ImageStore
@@ -29,7 +29,7 @@ from kiln.engine.schema import Limits
 from .errors import EXCEPTION_HANDLERS, ApiError, error_response
 from .metrics import LatencyMiddleware, RequestLatency
 from .registry import ModelRegistry
-from .routes import images, models, ocr, registrations, requests, sdapi, system
+from .routes import docs, images, models, ocr, registrations, requests, sdapi, system
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9997  # Xinference's
@@ -50,8 +50,8 @@ class Settings:
     launch: tuple[Mapping[str, Any], ...] = ()  # launch bodies (as POST /v1/models) started at startup
 
 
-def routes() -> list[Route]:
-    """The routing table."""
+def routes() -> list[Route | Mount]:
+    """The routing table (every route but the documentation's own is described in /openapi.json)."""
     return [
         Route("/v1/images/generations", images.generations, methods=["POST"]),
         Route("/v1/images/variations", images.variations, methods=["POST"]),
@@ -86,6 +86,9 @@ def routes() -> list[Route]:
         Route("/sdapi/v1/interrupt", sdapi.interrupt, methods=["POST"]),
         Route("/status", system.status, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),
+        Route("/openapi.json", docs.openapi_json, methods=["GET"]),
+        Route("/docs", docs.docs, methods=["GET"]),
+        Mount("/docs/assets", docs.assets(), name="docs-assets"),
     ]
 
 
@@ -177,14 +180,16 @@ class ApiKeyAuth:
     """With API keys configured, every route but the health and auth probes needs `Authorization: Bearer
     <key>` (what both OpenAI's SDK and Xinference's client send)."""
 
-    OPEN_PATHS = frozenset({"/status", "/v1/cluster/auth"})
+    OPEN_PATHS = frozenset({"/status", "/v1/cluster/auth", "/openapi.json", "/docs"})
+    OPEN_PREFIXES = ("/docs/assets/",)  # the documentation page's own files
 
     def __init__(self, app: ASGIApp, keys: frozenset[str]):
         self.app = app
         self.keys = keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not self.keys or path in self.OPEN_PATHS or path.startswith(self.OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")

@@ -51,7 +51,7 @@ INSTANCE_STATUS: Mapping[str, str] = {"created": "CREATING", "loading": "LOADING
 ENDED_KEPT = 64  # instances that ended (terminated, cancelled, failed to launch) still listed, newest last
 # Fields the xinference client sends on every launch -> the values Kiln can honour (None always can; the
 # model's own engine is always accepted as model_engine).
-_CLIENT_FIELDS: Mapping[str, tuple[Any, ...]] = {
+CLIENT_FIELDS: Mapping[str, tuple[Any, ...]] = {
     "model_engine": (),
     "model_size_in_billions": (),
     "model_format": ("pytorch",),
@@ -139,7 +139,7 @@ class ModelRegistry:
         if uid in self._runners:
             raise bad_request(f"model uid {uid!r} is already launched; terminate it first or pick another model_uid",
                               "model_uid", "model_exists")
-        for field, honoured in _CLIENT_FIELDS.items():
+        for field, honoured in CLIENT_FIELDS.items():
             honoured = (spec.engine,) if field == "model_engine" else honoured
             value = fields.pop(field, None)
             if value is not None and not any(_same(value, ok) for ok in honoured):
