@@ -93,7 +93,9 @@ async def _generate(request: Request, table: dict) -> Response:
     runner = _model(request, a1111.requested_model(body), ability)
     spec: ModelSpec = runner.spec
     reading = a1111.read_body(body, table, spec.family.flow)
-    images = [await _image(request, data, f"init_images[{i}]") for i, data in enumerate(reading.init_images)]
+    # Image i starts from init image i modulo their number: those past the image count are never used (nor read).
+    images = [await _image(request, data, f"init_images[{i}]")
+              for i, data in enumerate(reading.init_images[:reading.count])]
     mask = await _mask(request, reading, images[0]) if reading.mask else None
     parsed = parse_image_request(spec, reading.fields, limits=context.settings(request).limits, mode=ability,
                                  default_size=(512, 512), prompt_required=False,
