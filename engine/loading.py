@@ -248,7 +248,8 @@ def _needs_gpu(options: LaunchOptions, device: torch.device) -> None:
     if wanted and device.type != "cuda":
         why = "device='cpu' was asked for" if torch.cuda.is_available() else "there is no CUDA device"
         what = {"cpu_offload": "cpu_offload keeps models on the CPU and runs each on a GPU",
-                "sequential_cpu_offload": "sequential_cpu_offload keeps weights on the CPU and runs each layer on a GPU",
+                "sequential_cpu_offload": "sequential_cpu_offload keeps weights on the CPU and runs each layer on a "
+                                          "GPU",
                 "transformer_quantization": "transformer_quantization runs diffusers' bitsandbytes layers, which "
                                             "need a GPU"}[wanted[0]]
         raise ModelLoadError(f"{what}, but this launch runs on the CPU ({why}); launch without {wanted[0]}, or with "

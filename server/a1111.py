@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from kiln.engine.coerce import Unparsable, to_bool, to_int
+from kiln.engine.coerce import to_bool, to_int
 from kiln.engine.errors import InvalidRequest
 from kiln.engine.samplers import sampler_names
 from kiln.engine.schema import PARAMETERS, read_as
@@ -205,7 +205,8 @@ def read_body(body: Mapping[str, Any], fields: Mapping[str, Field], flow: bool) 
             kiln[field.parameter] = field.default
     return Reading(
         fields={key: item for key, item in kiln.items() if item is not None}, count=batch_size * n_iter,
-        batch_size=batch_size, model=requested_model(body), sampler_requested=requested, scheduler=str(value("scheduler")),
+        batch_size=batch_size, model=requested_model(body), sampler_requested=requested,
+        scheduler=str(value("scheduler")),
         send_images=read_as("send_images", to_bool, value("send_images")), loras=loras,
         init_images=_images(body.get("init_images")) if "init_images" in fields else [],
         mask=body.get("mask") or None, invert_mask=_invert(body.get("inpainting_mask_invert")),

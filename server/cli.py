@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     unregister = commands.add_parser("unregister", help="remove a registered model")
     unregister.add_argument("name", nargs="?", metavar="NAME")
-    unregister.add_argument("-n", "--model-name", "--model_name", dest="model_name", help="as Xinference's CLI takes it")
+    unregister.add_argument("-n", "--model-name", "--model_name", dest="model_name",
+                            help="as Xinference's CLI takes it")
     unregister.add_argument("-t", "--model-type", "--model_type", dest="model_type", default="image")
     _add_endpoint(unregister)
     unregister.set_defaults(handler=cmd_unregister)

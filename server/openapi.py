@@ -161,8 +161,9 @@ ERROR: Schema = {
 }
 _STATUS_WORDS = {400: "Invalid input: the message names the field", 401: "Missing or wrong API key",
                  404: "Unknown model uid, request id or name", 405: "Method not allowed", 409: "Request aborted",
-                 413: "Body or upload too large", 415: "Not an image, or not multipart", 429: "Queue full (Retry-After)",
-                 499: "Launch cancelled, or the client disconnected", 500: "Internal fault, or a model that failed to load",
+                 413: "Body or upload too large", 415: "Not an image, or not multipart",
+                 429: "Queue full (Retry-After)", 499: "Launch cancelled, or the client disconnected",
+                 500: "Internal fault, or a model that failed to load",
                  503: "Model still loading (Retry-After)"}
 IMAGE_LIST: Schema = {"type": "object", "required": ["created", "data"], "properties": {
     "created": {"type": "integer"},
@@ -226,11 +227,14 @@ OPERATIONS: Mapping[tuple[str, str], Operation] = {
     ("GET", "/v1/images/files/{name}"): Operation("A stored url image (expires)", None, (404,), ok_media={
         media: {"type": "string", "contentMediaType": media} for media in ("image/png", "image/jpeg", "image/webp")}),
     ("POST", "/v1/models"): Operation(
-        "Launch a model", {"type": "object", "required": ["model_uid"], "properties": {"model_uid": {"type": "string"}}},
+        "Launch a model",
+        {"type": "object", "required": ["model_uid"], "properties": {"model_uid": {"type": "string"}}},
         (400, 499, 500), json_body="LaunchRequest", query={"wait_ready": {"type": "boolean", "default": True}},
         tag="models"),
-    ("GET", "/v1/models"): Operation("Running models", {"type": "object", "required": ["object", "data"], "properties": {
-        "object": {"const": "list"}, "data": {"type": "array", "items": _ref("ModelDescription")}}}, tag="models"),
+    ("GET", "/v1/models"): Operation("Running models", {
+        "type": "object", "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("ModelDescription")}}},
+        tag="models"),
     ("GET", "/v1/models/instances"): Operation(
         "Instance records, with Xinference's status", {"type": "array", "items": _ref("Instance")},
         query={"model_name": {"type": "string"}, "model_uid": {"type": "string"}}, tag="models"),

@@ -77,7 +77,8 @@ def parse_registration(model: Any, persist: Any, *, check_folder: bool = True) -
     try:
         spec = to_json_object(model)
     except Unparsable as error:
-        raise _bad(f"model must be {error.expected}: the model spec, as Xinference's client sends it", "model") from None
+        raise _bad(f"model must be {error.expected}: the model spec, as Xinference's client sends it",
+                   "model") from None
     try:
         keep = to_bool(persist) if persist is not None else False
     except Unparsable:

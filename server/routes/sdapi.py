@@ -127,8 +127,8 @@ async def _generate(request: Request, table: dict) -> Response:
         width=first.width, height=first.height, steps=first.steps, cfg_scale=first.guidance_scale,
         sampler_name=_sampler_ran(spec, reading, first.sampler), scheduler=reading.scheduler, model_name=spec.name,
         model_hash=_checkpoint(runner)["hash"], batch_size=reading.batch_size,
-        denoising_strength=first.strength if image2image else None, extra=_extra(spec, reading, job), timestamp=job.timestamp,
-        version=VERSION,
+        denoising_strength=first.strength if image2image else None, extra=_extra(spec, reading, job),
+        timestamp=job.timestamp, version=VERSION,
     )
     return JSONResponse({"images": data if reading.send_images else [],
                          "parameters": a1111.parameters(body, table, reading.include_init_images),

@@ -58,7 +58,8 @@ def test_the_document_comes_from_the_declarations_and_the_server_limits(server_f
     assert generation["sampler_name"]["enum"][:2] == ["default", "DPM++ 2M"]
     assert generation["seed"]["description"] == PARAMETERS["seed"].description
     assert set(LAUNCH_OPTIONS) <= set(schemas["LaunchRequest"]["properties"])
-    assert schemas["LaunchRequest"]["properties"]["vae_tiling"]["description"] == LAUNCH_OPTIONS["vae_tiling"].description
+    launch = schemas["LaunchRequest"]["properties"]
+    assert launch["vae_tiling"]["description"] == LAUNCH_OPTIONS["vae_tiling"].description
     assert set(OCR_PARAMETERS) <= set(schemas["OcrForm"]["properties"])
     assert set(schemas["A1111Txt2Img"]["properties"]) == set(a1111.TXT2IMG)
     assert schemas["A1111Img2Img"]["properties"]["steps"]["maximum"] == LIMITS.max_steps

@@ -82,7 +82,8 @@ def test_persisted_registrations_survive_a_restart(server_factory, home, tiny_ro
     first.stop()
 
     second = server_factory(ModelRegistry(registrations=Registrations(home)))
-    listed = {item["model_name"]: item["is_builtin"] for item in second.http.get("/v1/model_registrations/image").json()}
+    registrations = second.http.get("/v1/model_registrations/image").json()
+    listed = {item["model_name"]: item["is_builtin"] for item in registrations}
     assert listed["kept"] is False and "gone" not in listed
     assert second.http.post("/v1/models", json={"model_name": "kept"}).json() == {"model_uid": "kept"}
     assert _image(second.http.post("/v1/images/generations", json={**GENERATE, "model": "kept"})).shape == (64, 64, 3)

@@ -14,7 +14,8 @@ import pytest
 import webuiapi
 from PIL import Image, ImageOps
 
-from .server_helpers import Background, assert_error, assert_idle, b64_image, pixels, png_bytes, same_image, wait_until
+from .server_helpers import (LONG_STEPS, Background, assert_error, assert_idle, b64_image, pixels, png_bytes,
+                             same_image, wait_until)
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 
@@ -111,7 +112,8 @@ def test_karras_scheduler_picks_the_karras_sampler(kiln) -> None:
 def test_models_options_and_samplers_with_webuiapi(server_factory) -> None:
     server = server_factory()
     for uid, name in (("first", "sd-turbo"), ("second", "stable-diffusion-v1.5")):
-        assert server.http.post("/v1/models", json={"model_uid": uid, "model_name": name, "tiny": True}).status_code == 200
+        launch = {"model_uid": uid, "model_name": name, "tiny": True}
+        assert server.http.post("/v1/models", json=launch).status_code == 200
     api = _api(server.url)
     assert api.util_get_current_model() == "first"  # before any options call: the first ready image model
     models = api.get_sd_models()
@@ -144,11 +146,11 @@ def test_progress_previews_and_an_interrupt_that_keeps_finished_images(kiln, ser
     http = kiln.http
     idle = http.get("/sdapi/v1/progress").json()
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0 and idle["current_image"] is None
-    body = {"prompt": "x", "seed": 1, "batch_size": 2, "model": serial, "width": 64, "height": 64, "steps": 200}
+    body = {"prompt": "x", "seed": 1, "batch_size": 2, "model": serial, "width": 64, "height": 64, "steps": LONG_STEPS}
     call = Background(lambda: http.post("/sdapi/v1/txt2img", json=body))
-    wait_until(lambda: http.get("/sdapi/v1/progress").json()["progress"] > 0.55, "the first image to finish")
+    wait_until(lambda: http.get("/sdapi/v1/progress").json()["progress"] > 0.52, "the first image to finish")
     progress = http.get("/sdapi/v1/progress").json()
-    assert progress["state"]["job_count"] == 1 and progress["state"]["sampling_steps"] == 200
+    assert progress["state"]["job_count"] == 1 and progress["state"]["sampling_steps"] == LONG_STEPS
     assert progress["eta_relative"] > 0
     assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size == (64, 64)
     assert http.get("/sdapi/v1/progress", params={"skip_current_image": "true"}).json()["current_image"] is None
@@ -164,7 +166,7 @@ def test_progress_previews_and_an_interrupt_that_keeps_finished_images(kiln, ser
 def test_an_interrupt_before_any_image_finished_is_409(kiln, serial) -> None:
     http = kiln.http
     call = Background(lambda: http.post("/sdapi/v1/txt2img", json={"prompt": "x", "model": serial, "width": 64,
-                                                                   "height": 64, "steps": 500}))
+                                                                   "height": 64, "steps": LONG_STEPS}))
     wait_until(lambda: http.get("/sdapi/v1/progress").json()["progress"] > 0, "the call to start")
     http.post("/sdapi/v1/interrupt")
     error = assert_error(call.join(), 409, "interrupted")
