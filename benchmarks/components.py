@@ -69,9 +69,6 @@ class Components:
         if kind == "encode":
             texts = [PROMPTS[i % len(PROMPTS)] + (f" {i}" if i >= len(PROMPTS) else "") for i in range(shape[1])]
             return lambda: family.encode(texts)
-        if kind == "encode_negatives":
-            positives = [self.family.encode([PROMPTS[0]])[0]] * shape[1]
-            return lambda: family.encode_negatives([None] * shape[1], positives)
         raise ValueError(f"unknown component shape {shape!r}")
 
     @torch.no_grad()

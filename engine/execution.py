@@ -1,54 +1,72 @@
-"""The tensor work of one loop iteration: initialise admitted jobs, step a lane, decode finished jobs.
+"""The tensor work of one loop iteration: `Executor.execute(plan) -> StepResult`.
 
-Every batched piece of work (prompt encoding, the denoiser forward, the VAE decode) is pure, so a failure can
-be retried in smaller pieces: halves on out-of-memory, job by job otherwise. Only the jobs that still fail alone
-are reported to `fail`; their neighbours carry on. Per-job work (sampler steps, init) is isolated per job.
+In plan order: free the state of dropped jobs; decode the jobs that finished; admit the new ones (their prompts
+encoded in one batch through the prompt cache, then each job's generator, sampler, conditioning, guidance,
+parts and start latents); step the lane (batched denoiser forwards, then each job's own sampler step, its
+parts' after-step hooks and its previews).
+
+Every batched piece of work (prompt encoding, the forward, the decode) is pure, so a failure is retried in
+smaller pieces: halves on out-of-memory, job by job otherwise. Only the jobs that still fail alone are reported
+in the result; their neighbours carry on. Per-job work (initialisation, sampler steps) is isolated per job.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Hashable, TypeVar
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
+from .errors import EngineError, InvalidRequest, RequestAborted
 from .families.base import Conditioning, Family
 from .memory import BatchBudget
-from .requests import Job
-from .errors import InvalidRequest
-from .samplers import SamplerFactory, step_accepts_generator
+from .parts import Part
+from .parts.guidance import ClassifierFree, Guidance, SingleRow
+from .prompts import PromptCache, PromptKey
+from .requests import JobSpec
+from .samplers import SamplerFactory, init_noise_sigma, step_accepts_generator
+from .scheduler import Call, StepPlan, StepResult
 
-FailJob = Callable[[Job, BaseException], None]
+log = logging.getLogger("kiln.engine")
 Result = TypeVar("Result")
+_ENGINE_ERRORS = (InvalidRequest, RequestAborted, EngineError)
 
 
-@dataclass
-class Inpaint:
-    """What the per-step mask blend needs: the clean image latents, the job's noise, the latent-layout mask."""
-
-    image_latents: torch.Tensor
-    noise: torch.Tensor
-    mask: torch.Tensor
-
-
-@dataclass
+@dataclass(eq=False)
 class JobState:
-    """A job's tensors and sampler, owned by the scheduler thread."""
+    """A job's tensors and sampler, owned by the scheduler thread. `step` counts the sampler steps taken;
+    `parts` holds each part's data for this job, `uses` the parts it uses, in hook order."""
 
-    latents: torch.Tensor
+    job: JobSpec
+    generator: torch.Generator
     sampler: Any
     timesteps: torch.Tensor
-    generator: torch.Generator
     cond: Conditioning
     uncond: Conditioning | None
-    guidance: float
+    guidance: Guidance
     step_kwargs: dict
-    inpaint: Inpaint | None = None
+    uses: list[Part]
+    parts: dict[str, Any] = field(default_factory=dict)
+    latents: torch.Tensor | None = None
     previews_at: list[int] = field(default_factory=list)
+    step: int = 0
+
+
+@dataclass
+class ForwardBatch:
+    """One batched denoiser forward: its rows (a job and which of its rows, "cond" or "uncond") and the named
+    inputs built from them, which parts' `before_forward` hooks may change or add to for their rows."""
+
+    rows: list[tuple[JobState, str]]
+    inputs: dict[str, torch.Tensor]
+    width: int
+    height: int
+
+    def rows_using(self, part: Part) -> list[int]:
+        return [index for index, (state, _) in enumerate(self.rows) if part in state.uses]
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -59,205 +77,250 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 class Executor:
-    """Runs a plan's tensor work for one model through its family adapter."""
+    """Runs plans' tensor work for one model through its family adapter and its parts."""
 
-    def __init__(self, family: Family, budget: BatchBudget):
+    def __init__(self, family: Family, budget: BatchBudget, parts: list[Part]):
         self.family = family
         self.budget = budget
+        self.parts = parts
         self.samplers = SamplerFactory(family.pipeline.scheduler, family.spec.flow)
+        self.prompts = PromptCache()
         self.forward_limit = budget.max_batch_size  # jobs per call at any size; lowered after an out-of-memory error
-        self.on_forward: Callable[[int, float], None] | None = None  # (rows, seconds), for metrics
+        self.states: dict[int, JobState] = {}  # by job id
+        self._result = StepResult()
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self._result = result = StepResult()
+        for job_id in plan.dropped:
+            self.states.pop(job_id, None)
+        with self._timed("decode"):
+            self._decode([self.states[i] for i in plan.decode if i in self.states])
+        with self._timed("admit"):
+            self._admit(list(plan.admitted))
+        stepping = [self.states[i] for i in plan.step if i in self.states]
+        if stepping:
+            result.step_started = time.monotonic()
+            with self._timed("step"):
+                self._step(stepping)
+        return result
 
     # --- failure isolation --------------------------------------------------------------------------------
-    def _isolated(
-        self, jobs: list[Job], compute: Callable[[list[Job]], list[Result]], fail: FailJob
-    ) -> dict[Job, Result]:
-        """compute(jobs) -> one result per job, retried in halves on out-of-memory and job by job on other
-        errors, so that only jobs failing on their own are failed."""
+    def _fail(self, state_or_job: JobState | JobSpec, error: BaseException) -> None:
+        """A job's fault fails its own request only, with the error's message; its state is freed."""
+        job = state_or_job.job if isinstance(state_or_job, JobState) else state_or_job
+        if not isinstance(error, _ENGINE_ERRORS):
+            log.warning("request %s failed: %r", job.request_id, error, exc_info=error)
+            error = EngineError(f"{type(error).__name__}: {error}")
+        self._result.failed[job.id] = error
+        self.states.pop(job.id, None)
+
+    def _isolated(self, items: list, compute: Callable[[list], list[Result]]) -> dict[Any, Result]:
+        """compute(items) -> one result per item, retried in halves on out-of-memory and one by one on other
+        errors, so that only items failing on their own are failed."""
         try:
-            return dict(zip(jobs, compute(jobs)))
+            return dict(zip(items, compute(items)))
         except Exception as error:  # noqa: BLE001 - any fault is contained to the jobs that cause it
-            if len(jobs) == 1:
-                fail(jobs[0], error)
+            if len(items) == 1:
+                self._fail(items[0], error)
                 return {}
             if is_out_of_memory(error):
-                half = len(jobs) // 2
-                self.forward_limit = min(self.forward_limit, len(jobs) - 1)  # the largest size not yet refused
-                parts = [jobs[:half], jobs[half:]]
+                half = len(items) // 2
+                self.forward_limit = min(self.forward_limit, len(items) - 1)  # the largest size not yet refused
+                pieces = [items[:half], items[half:]]
             else:
-                parts = [[job] for job in jobs]
-            results: dict[Job, Result] = {}
-            for part in parts:
-                results.update(self._isolated(part, compute, fail))
+                pieces = [[item] for item in items]
+            results: dict[Any, Result] = {}
+            for piece in pieces:
+                results.update(self._isolated(piece, compute))
             return results
 
+    def _timed(self, phase: str):
+        return _Timer(self._result.seconds, phase)
+
+    def _call(self, component: str, items: int, width: int = 0, height: int = 0):
+        """Time one component call into the result's calls."""
+        return _Timer(None, component, lambda seconds: self._result.calls.append(
+            Call(component, items, seconds, width, height)))
+
     # --- admission ----------------------------------------------------------------------------------------
-    def admit(self, jobs: list[Job], fail: FailJob) -> None:
-        """Batched prompt encoding for newly admitted jobs, then each job's latents and sampler."""
-        if not jobs:  # most steps admit nobody; encoding an empty batch raises inside the tokenizer
+    def _admit(self, jobs: list[JobSpec]) -> None:
+        """Batched prompt encoding of newly admitted jobs, then each job's initial state."""
+        if not jobs:
             return
-        conditioning = self._isolated(jobs, self._encode, fail)
+        uses = {job.id: [part for part in self.parts if part.used_by(job.request)] for job in jobs}
+        conditioning = self._isolated(jobs, lambda some: self._encode(some, uses))
         for job, (cond, uncond) in conditioning.items():
             try:
-                job.state = self._initial_state(job, cond, uncond)
-                job.total_steps = len(job.state.timesteps)
+                state = self._initial_state(job, uses[job.id], cond, uncond)
             except Exception as error:  # noqa: BLE001
-                fail(job, error)
+                self._fail(job, error)
+                continue
+            self.states[job.id] = state
+            self._result.admitted[job.id] = len(state.timesteps)
+
+    def _guidance(self, job: JobSpec) -> Guidance:
+        scale = job.request.guidance_scale
+        return ClassifierFree(float(scale)) if self.family.uses_cfg(scale) else SingleRow()
 
     @torch.no_grad()
-    def _encode(self, jobs: list[Job]) -> list[tuple[Conditioning, Conditioning | None]]:
-        cond = self.family.encode_cached([job.prompt for job in jobs])
-        cfg = [i for i, job in enumerate(jobs) if self.family.uses_cfg(job.request.guidance_scale)]
-        uncond: list[Conditioning | None] = [None] * len(jobs)
-        if cfg:
-            texts = [jobs[i].request.negative_prompt for i in cfg]
-            for i, negative in zip(cfg, self.family.encode_negatives(texts, [cond[i] for i in cfg])):
-                uncond[i] = negative
-        return list(zip(cond, uncond))
+    def _encode(self, jobs: list[JobSpec], uses: dict[int, list[Part]]) -> list[tuple[Conditioning, Conditioning | None]]:
+        """Each job's conditional and (with CFG) unconditional rows, from the prompt cache; what is missing is
+        encoded in one call per encoder context."""
+        keys: dict[int, tuple[PromptKey, PromptKey | None]] = {}
+        for job in jobs:
+            context = tuple((part.name, c) for part in uses[job.id]
+                            if (c := part.encoder_context(job.request)) is not None)
+            negative = job.request.negative_prompt
+            wants_negative = len(self._guidance(job).rows) == 2 and not (negative is None and self.family.zero_negative)
+            keys[job.id] = ((context, job.prompt), (context, negative or "") if wants_negative else None)
+        wanted = [key for pair in keys.values() for key in pair if key is not None]
+        missing = self.prompts.missing(wanted)
+        for context in dict.fromkeys(context for context, _ in missing):
+            texts = [text for c, text in missing if c == context]
+            with self._encoding(context), self._call("encode", len(texts)):
+                rows = self.family.encode(texts)
+            for text, row in zip(texts, rows):
+                self.prompts.put((context, text), row)
+        found = dict(zip(wanted, self.prompts.take(wanted)))
+        pairs = []
+        for job in jobs:
+            positive, negative = keys[job.id]
+            cond = found[positive]
+            if negative is not None:
+                uncond = found[negative]
+            elif len(self._guidance(job).rows) == 2:  # CFG without a negative prompt on a zero-negative family
+                uncond = {key: torch.zeros_like(value) for key, value in cond.items()}
+            else:
+                uncond = None
+            pairs.append((cond, uncond))
+        return pairs
+
+    def _encoding(self, context: tuple[tuple[str, Hashable], ...]):
+        """The parts' text-encoder set-up for `context`, entered together."""
+        stack = ExitStack()
+        by_name = {part.name: part for part in self.parts}
+        for name, value in context:
+            stack.enter_context(by_name[name].encoding(value))
+        return stack
 
     @torch.no_grad()
-    def _initial_state(self, job: Job, cond: Conditioning, uncond: Conditioning | None) -> JobState:
+    def _initial_state(self, job: JobSpec, uses: list[Part], cond: Conditioning,
+                       uncond: Conditioning | None) -> JobState:
         family, request = self.family, job.request
         width, height = request.width, request.height
         generator = torch.Generator("cpu").manual_seed(job.seed)
         sampler = self.samplers.make(request.sampler)
         family.configure_sampler(sampler, request.steps, width, height)
-        timesteps = sampler.timesteps
         size_cond = family.size_conditioning(width, height)
-        cond = {**cond, **size_cond}
-        uncond = {**uncond, **size_cond} if uncond is not None else None
-        step_kwargs = {"generator": generator} if step_accepts_generator(sampler) else {}
-        inpaint = None
-        if request.image is None:
-            latents = family.pack(family.noise(width, height, generator) * _init_noise_sigma(sampler))
-        else:
-            image_latents = family.encode_image(request.image, width, height, generator)
-            strength = request.strength if request.strength is not None else (1.0 if request.mask else 0.8)
-            start = (request.steps - min(int(request.steps * strength), request.steps)) * sampler.order
-            timesteps = timesteps[start:]
-            if len(timesteps) == 0:
-                raise InvalidRequest(f"strength {strength} with {request.steps} steps leaves no step to run")
-            if hasattr(sampler, "set_begin_index"):  # PNDM has none, as in diffusers' img2img
-                sampler.set_begin_index(start)
-            noise = family.pack(family.noise(width, height, generator))
-            if request.mask is not None and strength >= 1.0:
-                latents = noise * _init_noise_sigma(sampler)
-            else:
-                latents = _renoise(sampler, image_latents, noise, timesteps[:1])
-            if request.mask is not None:
-                inpaint = Inpaint(image_latents, noise, self._mask_latent(request.mask, width, height))
-        return JobState(
-            latents=latents, sampler=sampler, timesteps=timesteps, generator=generator, cond=cond, uncond=uncond,
-            guidance=float(request.guidance_scale), step_kwargs=step_kwargs, inpaint=inpaint,
-            previews_at=_preview_steps(request.preview_count, len(timesteps)),
+        state = JobState(
+            job=job, generator=generator, sampler=sampler, timesteps=sampler.timesteps, cond={**cond, **size_cond},
+            uncond={**uncond, **size_cond} if uncond is not None else None, guidance=self._guidance(job),
+            step_kwargs={"generator": generator} if step_accepts_generator(sampler) else {}, uses=uses,
         )
-
-    def _mask_latent(self, mask: Image.Image, width: int, height: int) -> torch.Tensor:
-        """White = repaint. Binarised at 0.5 and resized to the latent grid, as diffusers' inpaint pipelines do."""
-        pixels = torch.from_numpy(np.array(mask.convert("L").resize((width, height), Image.Resampling.LANCZOS)))
-        binary = (pixels.float() / 255.0 >= 0.5).float()[None, None]
-        factor = self.family.vae_scale_factor
-        small = F.interpolate(binary, size=(height // factor, width // factor))
-        return self.family.mask_to_latent(small.to(self.family.device, self.family.dtype))
+        for part in uses:
+            part.prepare(state)
+        if state.latents is None:
+            state.latents = family.pack(family.noise(width, height, generator) * init_noise_sigma(sampler))
+        state.previews_at = _preview_steps(request.preview_count, len(state.timesteps))
+        return state
 
     # --- the step -------------------------------------------------------------------------------------------
-    def _calls(self, jobs: list[Job]) -> list[list[Job]]:
+    def _chunks(self, states: list[JobState]) -> list[list[JobState]]:
         """A lane's jobs cut into the batches one forward or decode may hold at the lane's size."""
-        request = jobs[0].request
+        request = states[0].job.request
         size = min(self.forward_limit, self.budget.jobs_per_call(request.width, request.height))
-        return [jobs[start : start + size] for start in range(0, len(jobs), size)]
+        return [states[start : start + size] for start in range(0, len(states), size)]
 
-    def step(self, jobs: list[Job], fail: FailJob) -> None:
+    def _step(self, states: list[JobState]) -> None:
         """One denoising step for a lane: batched forwards (as many jobs each as memory allows), then every
         job's own sampler step."""
-        predictions: dict[Job, torch.Tensor] = {}
-        for chunk in self._calls(jobs):
-            predictions.update(self._isolated(chunk, self._predict, fail))
-        for job, prediction in predictions.items():
+        predictions: dict[JobState, torch.Tensor] = {}
+        for chunk in self._chunks(states):
+            predictions.update(self._isolated(chunk, self._predict))
+        for state, prediction in predictions.items():
             try:
-                self._advance(job, prediction)
+                self._advance(state, prediction)
             except Exception as error:  # noqa: BLE001
-                fail(job, error)
+                self._fail(state, error)
 
     @torch.no_grad()
-    def _predict(self, jobs: list[Job]) -> list[torch.Tensor]:
-        rows_x, rows_t, rows_cond, rows_g = [], [], [], []
-        for job in jobs:
-            state = job.state
-            t = state.timesteps[job.done_steps]
+    def _predict(self, states: list[JobState]) -> list[torch.Tensor]:
+        family = self.family
+        request = states[0].job.request
+        rows, xs, ts, conds, scales = [], [], [], [], []
+        for state in states:
+            t = state.timesteps[state.step]
             scale = getattr(state.sampler, "scale_model_input", None)
             x = scale(state.latents, t) if scale else state.latents
-            for cond in (state.uncond, state.cond) if state.uncond is not None else (state.cond,):
-                rows_x.append(x)
-                rows_t.append(t)
-                rows_cond.append(cond)
-                rows_g.append(state.guidance)
-        family = self.family
-        width, height = jobs[0].request.width, jobs[0].request.height
-        started = time.perf_counter()
-        output = family.denoise(
-            torch.cat(rows_x),
-            torch.stack([t.to(torch.float32) for t in rows_t]).to(family.device),
-            {key: torch.cat([cond[key] for cond in rows_cond]) for key in rows_cond[0]},
-            torch.tensor(rows_g, dtype=torch.float32, device=family.device),
-            width,
-            height,
+            for kind in state.guidance.rows:
+                rows.append((state, kind))
+                xs.append(x)
+                ts.append(t.to(torch.float32))
+                conds.append(state.uncond if kind == "uncond" else state.cond)
+                scales.append(state.job.request.guidance_scale)
+        inputs = family.denoiser_inputs(
+            torch.cat(xs), torch.stack(ts).to(family.device), {key: torch.cat([c[key] for c in conds]) for key in conds[0]},
+            torch.tensor(scales, dtype=torch.float32, device=family.device), request.width, request.height,
         )
-        if self.on_forward is not None:
-            self.on_forward(len(rows_x), time.perf_counter() - started)
+        batch = ForwardBatch(rows, inputs, request.width, request.height)
+        for part in self.parts:
+            if batch.rows_using(part):
+                part.before_forward(batch)
+        with self._call("forward", len(rows), request.width, request.height):
+            output = family.forward(batch.inputs)
         predictions, row = [], 0
-        for job in jobs:
-            if job.state.uncond is not None:
-                uncond, text = output[row : row + 1], output[row + 1 : row + 2]
-                predictions.append(uncond + job.state.guidance * (text - uncond))
-                row += 2
-            else:
-                predictions.append(output[row : row + 1])
-                row += 1
+        for state in states:
+            count = len(state.guidance.rows)
+            predictions.append(state.guidance.combine(output[row : row + count]))
+            row += count
         return predictions
 
-    def _advance(self, job: Job, prediction: torch.Tensor) -> None:
-        state = job.state
-        t = state.timesteps[job.done_steps]
+    def _advance(self, state: JobState, prediction: torch.Tensor) -> None:
+        t = state.timesteps[state.step]
         state.latents = state.sampler.step(prediction, t, state.latents, return_dict=False, **state.step_kwargs)[0]
-        if state.inpaint is not None:
-            known = state.inpaint.image_latents
-            if job.done_steps + 1 < len(state.timesteps):
-                known = _renoise(state.sampler, known, state.inpaint.noise, state.timesteps[job.done_steps + 1 :][:1])
-            mask = state.inpaint.mask
-            state.latents = (1 - mask) * known + mask * state.latents
-        job.done_steps += 1
-        request, on_preview = job.request, job.handle.on_preview
-        if job.done_steps in state.previews_at and on_preview is not None:
-            number = state.previews_at.index(job.done_steps)
-            on_preview(job.index, number, self.family.preview(state.latents, request.width, request.height))
+        for part in state.uses:
+            part.after_step(state)
+        state.step += 1
+        self._result.stepped.append(state.job.id)
+        if state.step in state.previews_at:
+            request = state.job.request
+            preview = self.family.preview(state.latents, request.width, request.height)
+            self._result.previews.append((state.job.id, state.previews_at.index(state.step), preview))
 
     # --- decode ---------------------------------------------------------------------------------------------
-    def decode(self, jobs: list[Job], fail: FailJob) -> dict[Job, Image.Image]:
-        """Batched VAE decode of finished jobs (they share a lane, hence a size)."""
-        if not jobs:
-            return {}
-        width, height = jobs[0].request.width, jobs[0].request.height
-        images: dict[Job, Image.Image] = {}
-        for chunk in self._calls(jobs):
-            images.update(self._isolated(
-                chunk, lambda part: self.family.decode(torch.cat([j.state.latents for j in part]), width, height), fail
-            ))
-        return images
+    def _decode(self, states: list[JobState]) -> None:
+        """Batched VAE decode of finished jobs, by size; their state is freed."""
+        by_size: dict[tuple[int, int], list[JobState]] = {}
+        for state in states:
+            by_size.setdefault((state.job.request.width, state.job.request.height), []).append(state)
+        for (width, height), group in by_size.items():
+            for chunk in self._chunks(group):
+                def decode(part: list[JobState]) -> list:
+                    with self._call("decode", len(part), width, height):
+                        return self.family.decode(torch.cat([s.latents for s in part]), width, height)
+
+                for state, image in self._isolated(chunk, decode).items():
+                    self._result.images[state.job.id] = image
+                    self.states.pop(state.job.id, None)
 
 
-def _renoise(sampler: Any, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """Noise clean latents to `timestep`: flow-matching samplers interpolate, the others add scaled noise."""
-    if hasattr(sampler, "scale_noise"):
-        return sampler.scale_noise(clean, timestep, noise)
-    return sampler.add_noise(clean, noise, timestep)
+class _Timer:
+    """Adds the seconds of a with-block to `totals[key]`, and/or hands them to `then`."""
+
+    def __init__(self, totals: dict[str, float] | None, key: str, then: Callable[[float], None] | None = None):
+        self.totals, self.key, self.then = totals, key, then
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        seconds = time.perf_counter() - self.started
+        if self.totals is not None:
+            self.totals[self.key] = self.totals.get(self.key, 0.0) + seconds
+        if self.then is not None and exc_info[0] is None:
+            self.then(seconds)
 
 
 def _preview_steps(count: int, total: int) -> list[int]:
     """`count` step numbers spread over the run, each before the last step (the final image is not a preview)."""
     return sorted({min(total - 1, max(1, round(total * (k + 1) / (count + 1)))) for k in range(count)} - {0})
-
-
-def _init_noise_sigma(sampler: Any) -> float:
-    """Initial noise scale; flow-matching samplers start from unit noise and do not define it."""
-    return getattr(sampler, "init_noise_sigma", 1.0)

@@ -1,4 +1,5 @@
-"""What the engine is asked for (requests), what it works on (jobs), and what it hands back.
+"""What the engine is asked for (requests), what it works on (jobs), and what it hands back: plain data that can
+cross a process boundary, and the caller's handle of a submitted request.
 
 A request asks for `n` images per prompt; each image is a job with its own seed, sampler and latents, so jobs
 of one request can run beside jobs of others and still give the image they would give alone.
@@ -11,13 +12,13 @@ import random
 import threading
 import uuid
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Mapping
 
 from PIL import Image
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, RequestAborted
 
 MAX_SEED = 2**31 - 1
 
@@ -50,6 +51,7 @@ class ImageRequest:
     mask: Image.Image | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     preview_count: int = 0
+    part_inputs: Mapping[str, Any] = field(default_factory=dict)  # what per-job parts read, by part name
 
     @property
     def prompts(self) -> list[str]:
@@ -82,77 +84,112 @@ def draw_seeds(seed: int | list[int] | None, count: int) -> list[int]:
 _job_ids = itertools.count()
 
 
-@dataclass(eq=False)
-class Job:
-    """One image of one request, as the scheduler sees it. `state` holds the tensors; only the runner reads it."""
+@dataclass(frozen=True, order=True)
+class LaneKey:
+    """What jobs must share to run in one denoiser forward: the latent size, and whatever the job's parts add
+    (sorted (part, key) pairs; most parts add nothing: rows with different LoRAs or ControlNets share lanes)."""
 
-    handle: "RequestHandle"
-    index: int
+    width: int
+    height: int
+    parts: tuple[tuple[str, Hashable], ...] = ()
+
+    def __str__(self) -> str:
+        extra = "".join(f",{name}={key}" for name, key in self.parts)
+        return f"{self.width}x{self.height}{extra}"
+
+
+@dataclass(frozen=True, eq=False)
+class JobSpec:
+    """One image of one request, as plain data: what the scheduler plans with and the executor initialises."""
+
+    request: ImageRequest
+    index: int  # within its request
     prompt: str
     seed: int
-    lane: tuple
-    total_steps: int = 0
-    done_steps: int = 0
-    state: Any = None
+    lane: LaneKey
     id: int = field(default_factory=lambda: next(_job_ids))
 
     @property
-    def request(self) -> ImageRequest:
-        return self.handle.request
+    def request_id(self) -> str:
+        return self.request.request_id
 
-    @property
-    def finished(self) -> bool:
-        return self.total_steps > 0 and self.done_steps >= self.total_steps
+
+def job_specs(request: ImageRequest, lane: LaneKey) -> list[JobSpec]:
+    """The request's jobs: `n` per prompt, each with its seed (drawn now when the request leaves it open)."""
+    seeds = draw_seeds(request.seed, request.image_count)
+    prompts = [prompt for prompt in request.prompts for _ in range(request.n)]
+    return [JobSpec(request, index, prompt, seed, lane) for index, (prompt, seed) in enumerate(zip(prompts, seeds))]
 
 
 class RequestHandle:
-    """The caller's view of a submitted request: a future of its images, its progress, and cancel()."""
+    """The caller's view of a submitted request: a future of its images, its progress, cancel().
 
-    def __init__(self, request: ImageRequest, lane: tuple, on_preview: PreviewCallback | None = None):
+    The runner's loop drives it from the scheduler's events (progress, previews, finished images, failure);
+    `cancel()` fails the request at once and asks the scheduler, through `on_cancel`, to drop its jobs at the
+    next step."""
+
+    def __init__(self, request: ImageRequest, jobs: list[JobSpec], on_preview: PreviewCallback | None = None,
+                 on_cancel: Callable[[str], None] | None = None):
         self.request = request
-        self.on_preview = on_preview
+        self.jobs = jobs
         self.future: Future[list[GeneratedImage]] = Future()
-        seeds = draw_seeds(request.seed, request.image_count)
-        prompts = [p for p in request.prompts for _ in range(request.n)]
-        self.jobs = [Job(self, i, prompt, seed, lane) for i, (prompt, seed) in enumerate(zip(prompts, seeds))]
-        self.images: list[GeneratedImage | None] = [None] * len(self.jobs)
-        self._cancelled = threading.Event()
+        self.on_preview = on_preview
+        self._on_cancel = on_cancel
+        self._steps = [(0, 0)] * len(jobs)  # (done, total) per job
+        self.images: list[GeneratedImage | None] = [None] * len(jobs)
 
     @property
     def seeds(self) -> list[int]:
         return [job.seed for job in self.jobs]
 
+    def job_steps(self, index: int) -> tuple[int, int]:
+        """(steps done, steps in all) of one of the request's jobs, as far as its events have told."""
+        return self._steps[index]
+
     @property
     def progress(self) -> float:
-        """Fraction of denoising steps done over all of the request's jobs (1.0 once it has finished)."""
+        """Fraction of denoising steps done over all of the request's jobs (1.0 once it has ended)."""
         if self.future.done():
             return 1.0
-        total = sum(job.total_steps for job in self.jobs)
-        return sum(job.done_steps for job in self.jobs) / total if total else 0.0
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        total = sum(total for _, total in self._steps)
+        return sum(done for done, _ in self._steps) / total if total else 0.0
 
     def cancel(self) -> bool:
-        """Ask for the request's jobs to leave at the next step. False if it had already finished."""
+        """End the request now with RequestAborted; its jobs leave the batch at the next step. False if it had
+        already ended."""
         if self.future.done():
             return False
-        self._cancelled.set()
+        self.fail(RequestAborted(f"The request has been cancelled: {self.request.request_id}"))
+        if self._on_cancel is not None:
+            self._on_cancel(self.request.request_id)
         return True
 
     def result(self, timeout: float | None = None) -> list[GeneratedImage]:
         return self.future.result(timeout)
 
-    # Called by the runner only.
-    def complete_job(self, job: Job, image: Image.Image) -> None:
-        self.images[job.index] = GeneratedImage(image, job.seed)
-        if all(item is not None for item in self.images) and not self.future.done():
-            self.future.set_result(list(self.images))
+    # Driven by the runner's loop from the scheduler's events.
+    def set_progress(self, index: int, done: int, total: int) -> None:
+        self._steps[index] = (done, total)
+
+    def preview(self, index: int, number: int, image: Image.Image) -> None:
+        if self.on_preview is not None and not self.future.done():
+            self.on_preview(index, number, image)
+
+    def complete_job(self, index: int, image: Image.Image) -> None:
+        self.images[index] = GeneratedImage(image, self.jobs[index].seed)
+        if all(item is not None for item in self.images):
+            self._resolve(self.future.set_result, list(self.images))
 
     def fail(self, error: BaseException) -> None:
+        self._resolve(self.future.set_exception, error)
+
+    def _resolve(self, setter: Callable[[Any], None], value: Any) -> None:
+        """Resolve the future once: the loop thread finishing and a client cancelling may race."""
         if not self.future.done():
-            self.future.set_exception(error)
+            try:
+                setter(value)
+            except InvalidStateError:
+                pass
 
 
 class RequestBook:

@@ -1,31 +1,36 @@
-"""A runner is one launched model: its components, its scheduler, and the one thread that does its torch work.
+"""A runner is one launched image model: its components, its parts, its scheduler, and the one thread that does
+its torch work. It implements the `ModelEndpoint` protocol (engine/endpoint.py).
 
-Callers (the server's event loop, tests, benchmarks) only `submit`, `abort` and read progress and stats; every
-tensor is touched by the scheduler thread alone, so no lock is held around model code.
+The thread loops over the scheduler's three beats (schedule -> execute -> update) and turns the update's events
+into the requests' handles: progress, previews, finished images, failures. Callers (the server's event loop,
+tests, benchmarks) only `submit`, `abort` and read progress and stats; every tensor is touched by the scheduler
+thread alone, so no lock is held around model code.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+from typing import Callable
 
 import torch
 
 from .backends.launch import launch_backend
 from .catalogue import ModelSpec
+from .errors import EngineError, InvalidRequest, QueueFull
 from .execution import Executor
 from .families import make_family
 from .loading import LoadedModel, load_model
 from .memory import CPU_BATCH_SIZE, batch_budget
 from .options import LaunchOptions
-from .requests import ImageRequest, Job, PreviewCallback, RequestHandle
+from .parts import Part, make_parts
+from .requests import ImageRequest, LaneKey, PreviewCallback, RequestHandle, job_specs
+from .scheduler import Event, Failed, Finished, Preview, Progress, Scheduler, StepPlan, StepResult
 from .schema import Limits, check_request
-from .errors import EngineError, InvalidRequest, QueueFull, RequestAborted
-from .scheduler import Scheduler, StepPlan
 from .worker import ModelWorker
 
 log = logging.getLogger("kiln.engine")
 
+StepObserver = Callable[[StepPlan, StepResult], None]
 
 
 class Runner(ModelWorker):
@@ -39,7 +44,10 @@ class Runner(ModelWorker):
         self.scheduler = Scheduler(options.max_batch_size or CPU_BATCH_SIZE, options.max_queue_size)  # set by load
         self.loaded: LoadedModel | None = None
         self.executor: Executor | None = None
+        self.parts: list[Part] = []
         self.backend_info: dict = {}  # the backend that runs the denoiser, its warm-up time, ... (set by load)
+        self.observers: list[StepObserver] = []  # called with each iteration's plan and result (benchmarks)
+        self._handles: dict[int, RequestHandle] = {}  # job id -> its request's handle, while the request runs
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     def load(self, start: bool = True, warmup_size: tuple[int, int] | None = None) -> None:
@@ -56,25 +64,35 @@ class Runner(ModelWorker):
             budget = batch_budget(family, self.options.max_batch_size, self.spec.default_size)
             self.scheduler.max_batch_size = budget.max_batch_size
             self.backend_info = launch_backend(
-                self.options.backend, family, model=self.spec.name, source=self.loaded.source, max_batch_size=budget.max_batch_size,
-                warmup_size=warmup_size or self.spec.default_size, cpu_offload=self.options.cpu_offload,
+                self.options.backend, family, model=self.spec.name, source=self.loaded.source,
+                max_batch_size=budget.max_batch_size, warmup_size=warmup_size or self.spec.default_size,
+                cpu_offload=self.options.cpu_offload,
             )
-            self.executor = Executor(family, budget)
-            self.executor.on_forward = self.counters.record_forward
+            self.parts = make_parts(self.spec, self.options, family)
+            self.executor = Executor(family, budget, self.parts)
 
         self._load_and_start(load, start)
 
     # --- the doors ------------------------------------------------------------------------------------------
     def validate(self, request: ImageRequest) -> None:
         """What the request schema checks (the server ran the same checks before submitting, with the same
-        limits), the model's abilities, and the queue bound; raises InvalidRequest."""
+        limits), the model's abilities, what its parts refuse, and the queue bound; raises InvalidRequest."""
         spec = self.spec
         if request.mode not in spec.abilities:
             raise InvalidRequest(f"model {self.uid} ({spec.name}) cannot do {request.mode}; it can: "
                                  f"{', '.join(spec.abilities)}", "model", "ability_not_supported")
         check_request(spec, request, self.limits)
+        for part in self.parts:
+            if part.used_by(request):
+                part.check(request)
         if request.image_count > self.options.max_queue_size:
             raise InvalidRequest(f"a request may ask for 1 to {self.options.max_queue_size} images", "n")
+
+    def lane_key(self, request: ImageRequest) -> LaneKey:
+        """The latent size, and what the request's parts add to it."""
+        parts = sorted((part.name, key) for part in self.parts
+                       if part.used_by(request) and (key := part.lane_key(request)) is not None)
+        return LaneKey(request.width, request.height, tuple(parts))
 
     def submit(self, request: ImageRequest, on_preview: PreviewCallback | None = None) -> RequestHandle:
         """Queue a request; raises InvalidRequest, or QueueFull when the waiting queue is at its bound.
@@ -82,20 +100,32 @@ class Runner(ModelWorker):
         if self.status != "ready":
             raise EngineError(f"model {self.uid} is not ready (status: {self.status})")
         self.validate(request)
-        handle = RequestHandle(request, lane=(request.width, request.height), on_preview=on_preview)
+        jobs = job_specs(request, self.lane_key(request))
+        handle = RequestHandle(request, jobs, on_preview, on_cancel=self._cancel)
         self._requests.add(request.request_id, handle)
+        for job in jobs:
+            self._handles[job.id] = handle
         try:
-            self.scheduler.add(handle.jobs)
+            self.scheduler.add(jobs)
         except QueueFull:
             self._requests.discard(request.request_id, handle)
+            self._forget(handle)
             raise
-        handle.future.add_done_callback(lambda future: self._count_outcome(future, handle))
+        handle.future.add_done_callback(lambda future: self._ended(future, handle))
         return handle
 
     @property
     def max_batch_size(self) -> int | None:
         """Active jobs at most: the launch option, or what "auto" derived at load (None until loaded)."""
         return self.scheduler.max_batch_size if self.executor is not None else None
+
+    @property
+    def queue_depth(self) -> int:
+        return self.scheduler.waiting_count
+
+    @property
+    def active_jobs(self) -> int:
+        return self.scheduler.active_count
 
     def describe(self) -> dict:
         return {**super().describe(), "backend": self.backend_info, "memory_bytes": self.memory_bytes}
@@ -109,17 +139,12 @@ class Runner(ModelWorker):
         tensors = {id(t): t for m in modules for t in (*m.parameters(), *m.buffers())}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
-    @property
-    def queue_depth(self) -> int:
-        return self.scheduler.waiting_count
-
-    @property
-    def active_jobs(self) -> int:
-        return self.scheduler.active_count
-
     # --- the scheduler thread -------------------------------------------------------------------------------
     def _wake(self) -> None:
         self.scheduler.wake()
+
+    def _cancel(self, request_id: str) -> None:
+        self.scheduler.abort(request_id)
 
     def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -128,48 +153,53 @@ class Runner(ModelWorker):
 
     @torch.no_grad()
     def iterate(self) -> None:
-        """One turn of the loop: plan, execute, update."""
+        """One turn of the loop: plan, execute, update, deliver the events."""
+        assert self.executor is not None
         plan = self.scheduler.schedule()
+        if plan.idle:
+            return
         try:
-            self.execute(plan)
+            result = self.executor.execute(plan)
         except Exception as error:  # noqa: BLE001 - a bug here must not kill the model
             log.exception("scheduler iteration failed")
-            for job in plan.admitted + plan.jobs:
-                self._fail(job, EngineError(f"internal error: {error}"))
-        self.scheduler.update(plan)
+            failure = EngineError(f"internal error: {error}")
+            jobs = {job.id for job in plan.admitted} | set(plan.step) | set(plan.decode)
+            result = StepResult(failed={job_id: failure for job_id in jobs})
+        self._deliver(self.scheduler.update(plan, result))
+        self._count(result)
+        for observe in self.observers:
+            observe(plan, result)
 
-    def execute(self, plan: StepPlan) -> None:
-        """All tensor work of one iteration."""
-        assert self.executor is not None
-        for job in plan.dropped:
-            if job.handle.cancelled:
-                job.handle.fail(RequestAborted(f"The request has been cancelled: {job.request.request_id}"))
-        self.executor.admit([job for job in plan.admitted if _live(job)], self._fail)
-        jobs = [job for job in plan.jobs if _live(job) and job.state is not None]
-        if not jobs:
-            return
-        started = time.perf_counter()
-        self.executor.step(jobs, self._fail)
-        self.counters.record_step(time.perf_counter() - started)
-        finished = [job for job in jobs if job.finished and _live(job)]
-        for job, image in self.executor.decode(finished, self._fail).items():
-            job.state = None  # free the tensors now; the image is all that is left
-            job.handle.complete_job(job, image)
+    def _deliver(self, events: list[Event]) -> None:
+        """The events, onto the handles of the requests they belong to (gone requests are skipped)."""
+        for event in events:
+            handle = self._handles.get(event.job_id)
+            if handle is None:
+                continue
+            index = next(job.index for job in handle.jobs if job.id == event.job_id)
+            if isinstance(event, Progress):
+                handle.set_progress(index, event.done, event.total)
+            elif isinstance(event, Preview):
+                handle.preview(index, event.number, event.image)
+            elif isinstance(event, Finished):
+                handle.complete_job(index, event.image)
+            elif isinstance(event, Failed):
+                handle.fail(event.error)
 
-    def _fail(self, job: Job, error: BaseException) -> None:
-        """A job's fault fails its own request only, with the error's message."""
-        if isinstance(error, (InvalidRequest, RequestAborted, EngineError)):
-            job.handle.fail(error)
-        else:
-            log.warning("request %s failed: %r", job.request.request_id, error, exc_info=error)
-            job.handle.fail(EngineError(f"{type(error).__name__}: {error}"))
+    def _count(self, result: StepResult) -> None:
+        if "step" in result.seconds:
+            self.counters.record_step(result.seconds["step"])
+        for call in result.calls:
+            if call.component == "forward":
+                self.counters.record_forward(call.items, call.seconds)
 
-    def _count_outcome(self, future, handle: RequestHandle) -> None:
+    def _ended(self, future, handle: RequestHandle) -> None:
         if future.exception() is None:
             self.counters.images_generated += len(handle.jobs)
         else:
             self.counters.requests_failed += 1
+        self._forget(handle)
 
-
-def _live(job: Job) -> bool:
-    return not (job.handle.future.done() or job.handle.cancelled)
+    def _forget(self, handle: RequestHandle) -> None:
+        for job in handle.jobs:
+            self._handles.pop(job.id, None)

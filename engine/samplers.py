@@ -75,3 +75,8 @@ class SamplerFactory:
 def step_accepts_generator(sampler: Any) -> bool:
     """Whether `sampler.step` draws noise (ancestral and SDE samplers), so the job's generator must go in."""
     return "generator" in inspect.signature(sampler.step).parameters
+
+
+def init_noise_sigma(sampler: Any) -> float:
+    """The scale of a job's initial noise; flow-matching samplers start from unit noise and do not define it."""
+    return getattr(sampler, "init_noise_sigma", 1.0)

@@ -99,6 +99,7 @@ class Parameter:
     low_open: bool = False
     choices: tuple[str, ...] | Callable[[ModelSpec], tuple[str, ...]] | None = None
     hint: str = ""  # added to the out-of-range message
+    part: str | None = None  # the per-job part (engine/parts) that reads it: request.part_inputs[part][name]
 
     def read(self, value: Any) -> Any:
         """The value as the parameter's type; a 400 naming the parameter otherwise."""
@@ -256,13 +257,17 @@ def parse_image_request(
     width, height = parse_size(p.get("size", "")) or default_size or spec.default_size
     delivery = Delivery(**{f.name: p[f.name] for f in dataclasses.fields(Delivery) if f.name in p})
     extra = {"request_id": p["request_id"]} if "request_id" in p else {}
+    part_inputs: dict[str, dict[str, Any]] = {}
+    for name, value in p.items():
+        if PARAMETERS[name].part is not None:
+            part_inputs.setdefault(PARAMETERS[name].part, {})[name] = value
     request = ImageRequest(
         prompt=p.get("prompt", ""), width=p.get("width", width), height=p.get("height", height),
         steps=p.get("num_inference_steps", spec.default_steps),
         guidance_scale=p.get("guidance_scale", spec.default_guidance), n=p.get("n", 1),
         negative_prompt=p.get("negative_prompt"), sampler=p.get("sampler_name", "default"), seed=p.get("seed"),
         strength=p.get("strength"), image=image, mask=mask,
-        preview_count=delivery.partial_images if delivery.stream else 0, **extra,
+        preview_count=delivery.partial_images if delivery.stream else 0, part_inputs=part_inputs, **extra,
     )
     check_request(spec, request, limits)
     for name in ("response_format", "output_format", "output_compression", "partial_images"):

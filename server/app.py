@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Mapping
 import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.engine.images import ImageStore
@@ -29,7 +29,7 @@ from kiln.engine.schema import Limits
 from .errors import EXCEPTION_HANDLERS, ApiError, error_response
 from .metrics import LatencyMiddleware, RequestLatency
 from .registry import ModelRegistry
-from .routes import docs, images, models, ocr, registrations, requests, sdapi, system
+from .routes import docs, images, models, ocr, registrations, requests, sdapi, system, ui
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9997  # Xinference's
@@ -46,12 +46,13 @@ class Settings:
     file_ttl_seconds: float = 3600.0  # how long `url` images stay fetchable
     file_dir: str | None = None  # where they are kept; None: a fresh temporary directory
     retry_after_seconds: int = 5  # sent with 429 (queue full) and 503 (model loading)
-    api_keys: frozenset[str] = frozenset()  # non-empty: every route but /status and /v1/cluster/auth needs one
+    api_keys: frozenset[str] = frozenset()  # non-empty: every route but /status, /v1/cluster/auth, /ui needs one
     launch: tuple[Mapping[str, Any], ...] = ()  # launch bodies (as POST /v1/models) started at startup
 
 
-def routes() -> list[Route | Mount]:
-    """The routing table (every route but the documentation's own is described in /openapi.json)."""
+def routes() -> list[BaseRoute]:
+    """The routing table (every route but the playground's and the documentation's own is described in
+    /openapi.json)."""
     return [
         Route("/v1/images/generations", images.generations, methods=["POST"]),
         Route("/v1/images/variations", images.variations, methods=["POST"]),
@@ -86,6 +87,10 @@ def routes() -> list[Route | Mount]:
         Route("/sdapi/v1/interrupt", sdapi.interrupt, methods=["POST"]),
         Route("/status", system.status, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),
+        Route("/", ui.home, methods=["GET"]),
+        Route("/ui", ui.page, methods=["GET"], name="ui"),
+        Route("/ui/config.json", ui.config, methods=["GET"]),
+        Mount("/ui", ui.static_files()),
         Route("/openapi.json", docs.openapi_json, methods=["GET"]),
         Route("/docs", docs.docs, methods=["GET"]),
         Mount("/docs/assets", docs.assets(), name="docs-assets"),
@@ -177,11 +182,13 @@ class BodyLimit:
 
 
 class ApiKeyAuth:
-    """With API keys configured, every route but the health and auth probes needs `Authorization: Bearer
-    <key>` (what both OpenAI's SDK and Xinference's client send)."""
+    """With API keys configured, every route but the health and auth probes, the playground's page and files, and
+    the API document and its page needs `Authorization: Bearer <key>` (what both OpenAI's SDK and Xinference's
+    client send)."""
 
-    OPEN_PATHS = frozenset({"/status", "/v1/cluster/auth", "/openapi.json", "/docs"})
-    OPEN_PREFIXES = ("/docs/assets/",)  # the documentation page's own files
+    OPEN_PATHS = frozenset({"/status", "/v1/cluster/auth", "/", "/ui", "/openapi.json", "/docs"})
+    # The playground's and the API document page's files hold no secrets; the playground asks for a key and sends it.
+    OPEN_PREFIXES = ("/ui/", "/docs/assets/")
 
     def __init__(self, app: ASGIApp, keys: frozenset[str]):
         self.app = app

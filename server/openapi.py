@@ -6,8 +6,8 @@ the one error shape (`server.errors`).
 
 `OPERATIONS` says, for each route of the routing table, what its body and answers are; `document(app)` walks the
 app's routes and describes each one found there (a route missing from `OPERATIONS` is missing from the document,
-which tests/server/test_openapi.py catches). The pages that only serve the document (/openapi.json, /docs) are
-not in it.
+which tests/server/test_openapi.py catches). The pages that only serve the document (/openapi.json, /docs) and
+the playground (/ui) are not in it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from . import a1111
 from .registrations import ABILITIES
 from .registry import CLIENT_FIELDS
 
-UNDOCUMENTED = frozenset({"/openapi.json", "/docs", "/docs/assets", "/ui"})
+# The pages that serve the document, and the playground (`/` redirects to it): web pages, not the API.
+UNDOCUMENTED = frozenset({"/openapi.json", "/docs", "/", "/ui", "/ui/config.json"})
 Schema = dict[str, Any]
 
 

@@ -2,8 +2,9 @@
 
 - step: one loop iteration of a lane (`Runner.iterate`: plan, batched forward, every job's sampler step,
   bookkeeping) against the raw denoiser forward at the same rows; `extra_info` has the overhead per step;
-- admit: `Executor.admit` (batched prompt encoding + each job's latents and sampler) against the raw encodes;
-- decode: `Executor.decode` against the raw VAE decode;
+- admit: `Executor.execute` of a plan that only admits (batched prompt encoding through the prompt cache + each
+  job's latents and sampler) against the raw encodes;
+- decode: `Executor.execute` of a plan that only decodes, against the raw VAE decode;
 - schedule: the pure-Python scheduler (`schedule` + `update`) with 16 active jobs, no tensors.
 
     pytest benchmarks/micro --benchmark-columns=median,iqr,rounds
@@ -18,8 +19,8 @@ import pytest
 import torch
 
 from kiln.benchmarks.components import Components
-from kiln.engine.requests import ImageRequest, RequestHandle
-from kiln.engine.scheduler import Scheduler
+from kiln.engine.requests import ImageRequest, LaneKey, job_specs
+from kiln.engine.scheduler import Scheduler, StepPlan, StepResult
 
 BATCHES = (1, 4, 16)
 STEPS = 500  # so that no job finishes while a step is being timed
@@ -31,7 +32,7 @@ def _requests(count: int, steps: int = STEPS) -> list[ImageRequest]:
 
 
 def _jobs(count: int, steps: int = STEPS):
-    return [RequestHandle(request, lane=(64, 64)).jobs[0] for request in _requests(count, steps)]
+    return [job_specs(request, LaneKey(64, 64))[0] for request in _requests(count, steps)]
 
 
 class Interleaved:
@@ -79,12 +80,13 @@ def test_lane_step_overhead(benchmark, runner, batch: int) -> None:
 def test_admit_path(benchmark, runner, batch: int) -> None:
     executor = runner.executor
     jobs = _jobs(batch)
-    failures = []
-    components = Components(executor.family)
-    raw = Interleaved(components.call(("encode", batch)), components.call(("encode_negatives", batch)))
-    benchmark.pedantic(lambda: executor.admit(jobs, lambda job, error: failures.append(error)), setup=raw.setup,
+    results = []
+    raw = Interleaved(Components(executor.family).call(("encode", batch)))
+    benchmark.pedantic(lambda: results.append(executor.execute(StepPlan(admitted=tuple(jobs)))), setup=raw.setup,
                        rounds=15, warmup_rounds=1)
-    assert not failures and all(job.state is not None for job in jobs)
+    assert not any(result.failed for result in results) and all(job.id in executor.states for job in jobs)
+    for job in jobs:
+        del executor.states[job.id]
     raw.record(benchmark, "encode", "admit")
 
 
@@ -92,23 +94,29 @@ def test_admit_path(benchmark, runner, batch: int) -> None:
 def test_decode_path(benchmark, runner, batch: int) -> None:
     executor = runner.executor
     jobs = _jobs(batch)
-    executor.admit(jobs, lambda job, error: pytest.fail(str(error)))
-    latents = torch.cat([job.state.latents for job in jobs])
+    assert not executor.execute(StepPlan(admitted=tuple(jobs))).failed
+    states = {job.id: executor.states[job.id] for job in jobs}
+    latents = torch.cat([state.latents for state in states.values()])
     raw = Interleaved(lambda: executor.family.decode(latents, 64, 64))
-    images = benchmark.pedantic(lambda: executor.decode(jobs, lambda job, error: pytest.fail(str(error))),
-                                setup=raw.setup, rounds=10, warmup_rounds=1)
-    assert len(images) == batch
+
+    def decode() -> StepResult:
+        executor.states.update(states)  # a decode frees the states it decodes
+        return executor.execute(StepPlan(decode=tuple(states)))
+
+    result = benchmark.pedantic(decode, setup=raw.setup, rounds=10, warmup_rounds=1)
+    assert len(result.images) == batch and not result.failed
     raw.record(benchmark, "decode", "decode")
 
 
 def test_scheduler_plan_and_update(benchmark) -> None:
     scheduler = Scheduler(max_batch_size=16, max_queue_size=256)
-    jobs = _jobs(16)
-    scheduler.add(jobs)
-    scheduler.update(scheduler.schedule())  # admitted; none finished
+    scheduler.add(_jobs(16))
+    plan = scheduler.schedule()
+    scheduler.update(plan, StepResult(admitted={job.id: 10**9 for job in plan.admitted}))  # none ever finishes
 
     def turn() -> None:
-        scheduler.update(scheduler.schedule())
+        plan = scheduler.schedule()
+        scheduler.update(plan, StepResult(stepped=list(plan.step)))
 
     benchmark(turn)
     assert scheduler.active_count == 16

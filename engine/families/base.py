@@ -8,7 +8,6 @@ any batch, and the denoiser forward takes a per-row timestep and guidance.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -19,11 +18,6 @@ from .denoisers import Denoiser
 from .specs import FamilySpec
 
 Conditioning = dict[str, torch.Tensor]
-TEXT_CACHE_BYTES = 64 * 2**20  # encoded prompts kept per model (a FLUX T5 row is 4 MB in bf16, an SD1.5 row 0.1 MB)
-
-
-def _nbytes(rows: Conditioning) -> int:
-    return sum(tensor.numel() * tensor.element_size() for tensor in rows.values())
 
 
 class Family:
@@ -39,8 +33,6 @@ class Family:
         self.dtype = dtype
         self.vae = pipeline.vae
         self.vae_scale_factor = pipeline.vae_scale_factor
-        self._text_cache: OrderedDict[str, Conditioning] = OrderedDict()
-        self._text_cache_bytes = 0
         self.denoiser = self.make_denoiser()  # a backend may replace it with a compiled twin of the same signature
         if dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
             self.vae.to(torch.float32)  # fp16 SDXL VAEs overflow; diffusers upcasts them the same way
@@ -52,29 +44,14 @@ class Family:
         return self.spec.cfg and guidance_scale > 1.0
 
     def encode(self, texts: list[str]) -> list[Conditioning]:
+        """One conditioning row per text (dicts of [1, ...] tensors), through the pipeline's own encoder."""
         raise NotImplementedError
 
-    def encode_negatives(self, texts: list[str | None], positives: list[Conditioning]) -> list[Conditioning]:
-        """Unconditional rows; a missing negative prompt is the empty prompt unless the family says otherwise.
-        Each distinct text is encoded once (usually every job's is the empty prompt)."""
-        return self.encode_cached([text or "" for text in texts])
-
-    def encode_cached(self, texts: list[str]) -> list[Conditioning]:
-        """`encode` through a small LRU cache bounded in bytes: the empty negative prompt, and prompts that
-        recur, are encoded once instead of at every admission. Each distinct text is encoded once per call."""
-        cache = self._text_cache
-        missing = [text for text in dict.fromkeys(texts) if text not in cache]
-        if missing:
-            for text, rows in zip(missing, self.encode(missing)):
-                cache[text] = rows
-                self._text_cache_bytes += _nbytes(rows)
-        found = []
-        for text in texts:
-            cache.move_to_end(text)
-            found.append(cache[text])
-        while self._text_cache_bytes > TEXT_CACHE_BYTES and len(cache) > 1:
-            self._text_cache_bytes -= _nbytes(cache.popitem(last=False)[1])
-        return found
+    @property
+    def zero_negative(self) -> bool:
+        """Whether a job without a negative prompt gets zero embeddings as its unconditional row (SDXL
+        checkpoints ask for that with force_zeros_for_empty_prompt) rather than the empty prompt's."""
+        return False
 
     def size_conditioning(self, width: int, height: int) -> Conditioning:
         """Extra per-row conditioning that depends only on the image size (SDXL's time ids)."""
@@ -122,10 +99,13 @@ class Family:
         """The named inputs of one batched forward: row i has its own timestep, conditioning and guidance."""
         raise NotImplementedError
 
-    def denoise(self, latents, timesteps, cond, guidance, width, height) -> torch.Tensor:
-        """One batched forward through whichever backend runs the denoiser."""
-        inputs = self.denoiser_inputs(latents, timesteps, cond, guidance, width, height)
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One batched forward of named inputs through whichever backend runs the denoiser."""
         return self.denoiser(*(inputs[name] for name in self.denoiser.input_names))
+
+    def denoise(self, latents, timesteps, cond, guidance, width, height) -> torch.Tensor:
+        """`forward` of the inputs built from per-row latents, timesteps, conditioning and guidance."""
+        return self.forward(self.denoiser_inputs(latents, timesteps, cond, guidance, width, height))
 
     # --- pixels <-> latents -----------------------------------------------------------------------------
     def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:

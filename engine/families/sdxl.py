@@ -28,16 +28,9 @@ class SDXLFamily(SDFamily):
             {"encoder_hidden_states": embeds[i : i + 1], "text_embeds": pooled[i : i + 1]} for i in range(len(texts))
         ]
 
-    def encode_negatives(self, texts, positives):
-        """SDXL checkpoints ask for zero embeddings when no negative prompt is given (force_zeros_for_empty_prompt)."""
-        if not self.pipeline.config.force_zeros_for_empty_prompt:
-            return super().encode_negatives(texts, positives)
-        given = [i for i, text in enumerate(texts) if text is not None]
-        encoded = dict(zip(given, self.encode_cached([texts[i] for i in given]))) if given else {}
-        return [
-            encoded.get(i) or {key: torch.zeros_like(value) for key, value in positives[i].items()}
-            for i in range(len(texts))
-        ]
+    @property
+    def zero_negative(self) -> bool:
+        return bool(self.pipeline.config.force_zeros_for_empty_prompt)
 
     def size_conditioning(self, width: int, height: int) -> Conditioning:
         time_ids = self.pipeline._get_add_time_ids(

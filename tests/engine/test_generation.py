@@ -1,15 +1,18 @@
 """Every catalogue model generates through the real loader and the step loop, in every mode it advertises."""
 
+import contextlib
+
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from kiln.engine.catalogue import CATALOGUE, IMAGE2IMAGE, INPAINTING, get_spec
-import torch
-
-from kiln.engine.requests import ImageRequest, RequestHandle
 from kiln.engine.errors import InvalidRequest
+from kiln.engine.parts import Part
+from kiln.engine.requests import ImageRequest, job_specs
 from kiln.engine.samplers import SAMPLER_NAMES
+from kiln.engine.scheduler import StepPlan
 
 from .conftest import PIXEL_TOLERANCE, drive, max_diff, pixels, run_alone
 
@@ -55,7 +58,7 @@ def test_image_to_image(runner_for, name):
     assert_real_image(handle, 1, (64, 64))
     # strength 0.5 starts half-way down the sampler's schedule
     full = run_alone(runner, ImageRequest("a fox", 64, 64, 4, 3.0, seed=3))
-    assert 0 < handle.jobs[0].total_steps < full.jobs[0].total_steps
+    assert 0 < handle.job_steps(0)[1] < full.job_steps(0)[1]
 
 
 @pytest.mark.parametrize("name", [n for n, s in CATALOGUE.items() if INPAINTING in s.abilities])
@@ -67,21 +70,22 @@ def test_inpainting(runner_for, name):
 
 @pytest.mark.parametrize("name", [n for n, s in CATALOGUE.items() if INPAINTING in s.abilities])
 def test_inpainting_keeps_the_unmasked_latents_and_repaints_the_rest(runner_for, name):
-    """Driven through the executor so the final latents can be read before the decode frees them."""
+    """Driven through the executor with hand-made plans, so the final latents can be read before a decode."""
     runner = runner_for(name)
     request = ImageRequest("a fox", 64, 64, 4, 3.0, image=init_image(), mask=half_mask(), strength=0.6, seed=5)
-    job = RequestHandle(request, lane=(64, 64)).jobs[0]
-    failures = []
+    (job,) = job_specs(request, runner.lane_key(request))
     executor = runner.executor
-    executor.admit([job], lambda job, error: failures.append(error))
-    while not job.finished and not failures:
-        executor.step([job], lambda job, error: failures.append(error))
-    assert not failures
-    state = job.state
-    keep = (state.inpaint.mask == 0).expand_as(state.latents)
+    result = executor.execute(StepPlan(admitted=(job,), lane=job.lane, step=(job.id,)))
+    state = executor.states[job.id]
+    while not result.failed and state.step < len(state.timesteps):
+        result = executor.execute(StepPlan(lane=job.lane, step=(job.id,)))
+    assert not result.failed
+    del executor.states[job.id]
+    mask, image_latents = state.parts["inpaint"], state.parts["init_image"].image_latents
+    keep = (mask == 0).expand_as(state.latents)
     assert keep.any() and (~keep).any()
-    assert torch.equal(state.latents[keep], state.inpaint.image_latents[keep])
-    assert not torch.allclose(state.latents[~keep], state.inpaint.image_latents[~keep])
+    assert torch.equal(state.latents[keep], image_latents[keep])
+    assert not torch.allclose(state.latents[~keep], image_latents[~keep])
 
 
 def test_text_only_models_refuse_image_modes(runner_for):
@@ -159,17 +163,58 @@ def test_progress_is_the_fraction_of_steps_done(runner_for):
 
 
 def test_prompt_encodings_are_cached_within_a_byte_budget(runner_for, monkeypatch):
-    from kiln.engine.families import base
-
-    family = runner_for("sd-turbo").executor.family
+    runner = runner_for("sd-turbo")
+    family, cache = runner.executor.family, runner.executor.prompts
     calls = []
     encode = family.encode
     monkeypatch.setattr(family, "encode", lambda texts: calls.append(list(texts)) or encode(texts))
-    first = family.encode_cached(["cache a", "cache b", "cache a"])
-    second = family.encode_cached(["cache b", "cache c"])
+
+    def run(*prompts):
+        handles = [runner.submit(ImageRequest(prompt, 64, 64, 1, 0.0, seed=1)) for prompt in prompts]
+        drive(runner, lambda: all(handle.future.done() for handle in handles))
+
+    run("cache a", "cache b", "cache a")
+    run("cache b", "cache c")
     assert calls == [["cache a", "cache b"], ["cache c"]]
-    assert first[0] is first[2] and second[0] is first[1]
-    monkeypatch.setattr(base, "TEXT_CACHE_BYTES", 0)  # over budget: only the newest entry stays
-    family.encode_cached(["cache d"])
-    family.encode_cached(["cache a"])
+    assert cache.take([((), "cache a")])[0] is cache.take([((), "cache a")])[0]
+    monkeypatch.setattr(cache, "max_bytes", 0)  # over budget: only the newest entry stays
+    run("cache d")
+    run("cache a")
     assert calls[-2:] == [["cache d"], ["cache a"]]
+
+
+class Accent(Part):
+    """A test part that changes how prompts encode (as a text-encoder LoRA does), by a request input."""
+
+    name = "accent"
+
+    def __init__(self):
+        super().__init__(None, None)
+        self.entered = []
+
+    def used_by(self, request):
+        return "accent" in request.part_inputs
+
+    def encoder_context(self, request):
+        return request.part_inputs["accent"]
+
+    @contextlib.contextmanager
+    def encoding(self, context):
+        self.entered.append(context)
+        yield
+
+
+def test_the_prompt_cache_keys_on_what_parts_change_about_encoding(runner_for, monkeypatch):
+    runner = runner_for("sd-turbo")
+    accent = Accent()
+    monkeypatch.setattr(runner, "parts", [accent])
+    monkeypatch.setattr(runner.executor, "parts", [accent])
+    calls = []
+    encode = runner.executor.family.encode
+    monkeypatch.setattr(runner.executor.family, "encode", lambda texts: calls.append(list(texts)) or encode(texts))
+    requests = [ImageRequest("same words", 64, 64, 1, 0.0, seed=1, part_inputs=inputs)
+                for inputs in ({}, {"accent": "x"}, {"accent": "y"}, {"accent": "x"})]
+    handles = [runner.submit(request) for request in requests]
+    drive(runner, lambda: all(handle.future.done() for handle in handles))
+    assert calls == [["same words"]] * 3  # once per context; the repeated context comes from the cache
+    assert accent.entered == ["x", "y"]

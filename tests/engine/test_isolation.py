@@ -26,10 +26,10 @@ def good(seed=1, steps=3):
     return ImageRequest("a quiet harbour", 64, 64, steps, 5.0, seed=seed)
 
 
-def poisoned_rows(runner, cond):
-    """Which rows of a batch carry the poison prompt's text embedding."""
+def poisoned_rows(runner, inputs):
+    """Which rows of a forward's inputs carry the poison prompt's text embedding."""
     poison = runner.executor.family.encode([POISON])[0]["encoder_hidden_states"]
-    return [torch.equal(row, poison[0]) for row in cond["encoder_hidden_states"]]
+    return [torch.equal(row, poison[0]) for row in inputs["encoder_hidden_states"]]
 
 
 def finish(runner, *handles):
@@ -97,15 +97,15 @@ def test_failing_prompt_encoding_fails_only_its_request(runner, monkeypatch):
 
 def test_failing_forward_is_retried_job_by_job(runner, monkeypatch):
     family = runner.executor.family
-    denoise = family.denoise
+    forward = family.forward
 
-    def denoise_or_fail(latents, timesteps, cond, guidance, width, height):
-        if any(poisoned_rows(runner, cond)):
+    def forward_or_fail(inputs):
+        if any(poisoned_rows(runner, inputs)):
             raise RuntimeError("NaN in attention")
-        return denoise(latents, timesteps, cond, guidance, width, height)
+        return forward(inputs)
 
     expected = pixels(run_alone(runner, good()))
-    monkeypatch.setattr(family, "denoise", denoise_or_fail)
+    monkeypatch.setattr(family, "forward", forward_or_fail)
     bad, fine = runner.submit(ImageRequest(POISON, 64, 64, 3, 5.0)), runner.submit(good())
     assert_only_bad_failed(runner, bad, fine, expected, "NaN in attention")
 
@@ -118,7 +118,7 @@ def test_failing_sampler_step_fails_only_its_request(runner):
     def broken_step(*args, **kwargs):
         raise ArithmeticError("sampler diverged")
 
-    bad.jobs[1].state.sampler.step = broken_step
+    runner.executor.states[bad.jobs[1].id].sampler.step = broken_step
     assert_only_bad_failed(runner, bad, fine, expected, "sampler diverged")
 
 
@@ -128,8 +128,12 @@ def test_failing_decode_fails_only_its_request(runner, monkeypatch):
     expected = pixels(run_alone(runner, good()))
     bad, fine = runner.submit(ImageRequest("x", 64, 64, 3, 5.0, seed=7)), runner.submit(good())
 
+    first_seen = {}
+
     def decode_or_fail(latents, width, height):
-        bad_latents = bad.jobs[0].state.latents
+        if "bad" not in first_seen:  # the bad job's state is freed once it has failed alone
+            first_seen["bad"] = runner.executor.states[bad.jobs[0].id].latents
+        bad_latents = first_seen["bad"]
         if any(torch.equal(row, bad_latents[0]) for row in latents):
             raise MemoryError("decoder fault")
         return decode(latents, width, height)
@@ -141,18 +145,18 @@ def test_failing_decode_fails_only_its_request(runner, monkeypatch):
 
 def test_out_of_memory_splits_the_batch_and_every_job_finishes(runner, monkeypatch):
     family = runner.executor.family
-    denoise = family.denoise
+    forward = family.forward
     requests = [ImageRequest(f"prompt {i}", 64, 64, 3, 5.0, seed=i) for i in range(6)]
     expected = [pixels(run_alone(runner, request)) for request in requests]
     rows_seen = []
 
-    def denoise_with_small_memory(latents, timesteps, cond, guidance, width, height):
-        rows_seen.append(latents.shape[0])
-        if latents.shape[0] > 4:
+    def forward_with_small_memory(inputs):
+        rows_seen.append(inputs["sample"].shape[0])
+        if inputs["sample"].shape[0] > 4:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return denoise(latents, timesteps, cond, guidance, width, height)
+        return forward(inputs)
 
-    monkeypatch.setattr(family, "denoise", denoise_with_small_memory)
+    monkeypatch.setattr(family, "forward", forward_with_small_memory)
     handles = [runner.submit(request) for request in requests]  # 6 CFG jobs: 12 rows per step
     finish(runner, *handles)
     for handle, solo in zip(handles, expected):

@@ -44,7 +44,7 @@ def test_the_document_covers_the_routing_table(http) -> None:
     assert routes - in_document == set(), "routes missing from server/openapi.py's OPERATIONS"
     assert in_document - routes == set(), "documented operations with no route"
     mounts = [route.path for route in create_app().routes if isinstance(route, Mount)]
-    assert mounts == ["/docs/assets"]
+    assert mounts == ["/ui", "/docs/assets"]  # static files of the two web pages
 
 
 def test_the_document_comes_from_the_declarations_and_the_server_limits(server_factory) -> None:

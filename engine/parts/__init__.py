@@ -1,0 +1,37 @@
+"""Per-job parts: features a job may carry (an image-to-image start, an inpainting blend; next ControlNet and
+per-row LoRA) that plug into the step through a few hooks instead of branches in the loop.
+
+A part type is instantiated once per launched model, when the launch can use it (`enabled`); it may hold the
+model's resources for the feature (a ControlNet's weights, LoRA slots). The executor calls its hooks on the
+scheduler thread, for the jobs that use it (`used_by`), in the order of `PART_TYPES`:
+
+    check(request)         at submit, any thread: refuse what this model cannot do for the request (400)
+    lane_key(request)      at submit: what the part adds to the job's lane key (None: it shares lanes)
+    encoder_context(req)   at admission: what changes how the job's prompts encode (the prompt cache keys on
+                           it); `encoding(context)` is entered around the encoder call for those prompts
+    prepare(state)         at admission, after the sampler, timesteps and conditioning exist and before the
+                           default start noise is drawn (a part that sets `state.latents` provides the start)
+    before_forward(batch)  before each batched denoiser forward: add or change the named inputs of its rows
+    after_step(state)      after each of the job's sampler steps: transform its latents
+
+`backends` names the backends that can run the part (None: all); a launch whose parts some backend cannot run
+never gets that backend. Adding a feature is a new module here plus an entry in `PART_TYPES`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Part
+from .init_image import InitImage
+from .inpaint import InpaintBlend
+
+# Every part type, in hook order: the inpainting blend builds on the image-to-image start.
+PART_TYPES: tuple[type[Part], ...] = (InitImage, InpaintBlend)
+
+__all__ = ["PART_TYPES", "Part", "make_parts"]
+
+
+def make_parts(spec: Any, options: Any, family: Any) -> list[Part]:
+    """The parts a launched model can use, one instance each, in hook order."""
+    return [part_type(family, options) for part_type in PART_TYPES if part_type.enabled(spec, options)]

@@ -1,0 +1,51 @@
+"""The part interface: one class whose hooks a per-job feature overrides (the package docstring lists them)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, ContextManager, Hashable
+
+if TYPE_CHECKING:
+    from ..execution import ForwardBatch, JobState
+    from ..requests import ImageRequest
+
+
+class Part:
+    """A per-job feature; subclasses override the hooks they need (see the module docstring)."""
+
+    name = ""
+    backends: frozenset[str] | None = None
+
+    def __init__(self, family: Any, options: Any):
+        self.family = family
+        self.options = options
+
+    @classmethod
+    def enabled(cls, spec: Any, options: Any) -> bool:
+        """Whether a launch of `spec` with `options` can use this part at all."""
+        return True
+
+    def used_by(self, request: "ImageRequest") -> bool:
+        return False
+
+    def check(self, request: "ImageRequest") -> None:
+        """Raise InvalidRequest for a request this model cannot run with this part."""
+
+    def lane_key(self, request: "ImageRequest") -> Hashable | None:
+        return None
+
+    def encoder_context(self, request: "ImageRequest") -> Hashable | None:
+        return None
+
+    def encoding(self, context: Hashable) -> ContextManager[None]:
+        """Make the text encoders encode as `context` (from `encoder_context`) asks, for a with-block."""
+        return nullcontext()
+
+    def prepare(self, state: "JobState") -> None:
+        """Set up the job's data for this part (kept in `state.parts[self.name]`)."""
+
+    def before_forward(self, batch: "ForwardBatch") -> None:
+        """Called once per forward that holds rows of jobs using this part."""
+
+    def after_step(self, state: "JobState") -> None:
+        """Called after each sampler step of a job using this part."""
