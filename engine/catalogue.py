@@ -30,6 +30,9 @@ class ModelSpec:
     max_size: int  # largest width or height accepted, in pixels
     default_launch: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
     engine: str = "diffusers"  # what runs it, as Xinference's model_engine names it
+    # Request parameters under every request's own (a registered model's default_generate_config).
+    default_parameters: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    builtin: bool = True  # False: registered by a user (engine.custom)
 
     @property
     def stride(self) -> int:

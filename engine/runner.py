@@ -61,7 +61,7 @@ class Runner(ModelWorker):
         `warmup_size` (width, height), by default the model's default size."""
 
         def load() -> None:
-            self.loaded = load_model(self.spec, self.options)
+            self.loaded = load_model(self.spec, self.options, on_progress=self.report_load)
             family = make_family(self.spec.family, self.loaded.pipeline, self.loaded.device, self.loaded.dtype)
             budget = batch_budget(family, self.options.max_batch_size, self.spec.default_size)
             self.scheduler.max_batch_size = budget.max_batch_size

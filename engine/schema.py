@@ -6,7 +6,8 @@ range and the words of its 400.
     parsed.delivery     # how the response goes back (url or b64, image format, streaming)
     check_request(spec, request, limits)                    # the engine's own check, from the same declarations
 
-Parameters arrive three ways, merged with later winning: the catalogue defaults, the `kwargs` field (Xinference's
+Parameters arrive three ways, merged with later winning: the model's defaults (the catalogue's, or a registered
+model's default_generate_config), the `kwargs` field (Xinference's
 JSON string, or an object), and top-level fields (JSON values, or multipart text read by the parameter's kind).
 Unknown names are refused, naming them; OpenAI fields that do not apply are accepted and ignored. The module is
 torch-free: the server, the CLI and the API document read it without loading a model.
@@ -250,7 +251,7 @@ def parse_image_request(
     """Merge, read and check one request's parameters for model `spec`. `default_size` (else the model's) is
     the size used when the request gives none; `mode` is text2image, image2image or inpainting; `image` and
     `mask` are the decoded uploads of the multipart endpoints."""
-    p = merge_fields(fields)
+    p = {**merge_fields(spec.default_parameters), **merge_fields(fields)}
     if prompt_required and "prompt" not in p:
         raise InvalidRequest("prompt is required", "prompt", "missing_parameter")
     width, height = parse_size(p.get("size", "")) or default_size or spec.default_size

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from .endpoint import EndpointStats
-from .errors import RequestAborted
+from .errors import LaunchCancelled, RequestAborted
 from .openmp import release_thread_pool
 from .requests import RequestBook
 
@@ -55,8 +55,30 @@ class ModelWorker:
         self.error: str | None = None
         self.created = int(time.time())
         self._requests = RequestBook()
+        self._load_progress = 0.0
+        self._cancelled = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+
+    # --- launch progress and cancellation -------------------------------------------------------------------
+    @property
+    def load_progress(self) -> float:
+        """0..1: the load stages done (1.0 once ready)."""
+        return self._load_progress
+
+    def report_load(self, fraction: float) -> None:
+        """Called by the load between its stages: records progress, and stops a cancelled launch there (a stage
+        itself, reading weights, cannot be interrupted)."""
+        if self._cancelled.is_set():
+            raise LaunchCancelled(f"the launch of {self.uid} was cancelled")
+        self._load_progress = max(self._load_progress, min(1.0, fraction))
+
+    def cancel_load(self) -> bool:
+        """Ask a launch still under way to stop at its next stage; False once it is ready, failed or stopped."""
+        if self.status not in ("created", "loading"):
+            return False
+        self._cancelled.set()
+        return True
 
     def _load_and_start(self, load: Callable[[], None], start: bool) -> None:
         """Run `load` (recording its error, which is raised), then start the worker thread unless start=False,
@@ -64,6 +86,10 @@ class ModelWorker:
         self.status = "loading"
         try:
             load()
+            self.report_load(1.0)
+        except LaunchCancelled:
+            self.status = "stopped"
+            raise
         except Exception as error:
             self.status, self.error = "failed", str(error)
             raise

@@ -31,7 +31,7 @@ from .errors import EXCEPTION_HANDLERS, ApiError, error_response
 from .hosts import LOCAL_HOSTS, TrustedHosts
 from .metrics import LatencyMiddleware, RequestLatency
 from .registry import ModelRegistry
-from .routes import images, models, ocr, requests, system, ui
+from .routes import docs, images, models, ocr, registrations, requests, sdapi, system, ui
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9997  # Xinference's
@@ -56,7 +56,8 @@ class Settings:
 
 
 def routes() -> list[BaseRoute]:
-    """The routing table."""
+    """The routing table (every route but the playground's and the documentation's own is described in
+    /openapi.json)."""
     return [
         Route("/v1/images/generations", images.generations, methods=["POST"]),
         Route("/v1/images/variations", images.variations, methods=["POST"]),
@@ -66,21 +67,40 @@ def routes() -> list[BaseRoute]:
         Route("/v1/images/files/{name}", images.stored_file, methods=["GET"]),
         Route("/v1/models", models.launch, methods=["POST"]),
         Route("/v1/models", models.list_models, methods=["GET"]),
+        Route("/v1/models/instances", models.instances, methods=["GET"]),  # before {uid}, which would take it
         Route("/v1/models/{uid}", models.describe, methods=["GET"]),
         Route("/v1/models/{uid}", models.terminate, methods=["DELETE"]),
         Route("/v1/models/{uid}/replicas", models.replicas, methods=["GET"]),
         Route("/v1/models/{uid}/replicas", models.scale, methods=["POST"]),
+        Route("/v1/models/{uid}/progress", models.launch_progress, methods=["GET"]),
+        Route("/v1/models/{uid}/cancel", models.cancel, methods=["POST"]),
         Route("/v1/models/{uid}/requests/{request_id}/abort", requests.abort, methods=["POST"]),
         Route("/v1/requests/{request_id}/progress", requests.progress, methods=["GET"]),
-        Route("/v1/model_registrations/image", models.registrations, methods=["GET"]),
-        Route("/v1/model_registrations/image/{name}", models.registration, methods=["GET"]),
+        Route("/v1/model_registrations/image", registrations.registrations, methods=["GET"]),
+        Route("/v1/model_registrations/image", registrations.register, methods=["POST"]),
+        Route("/v1/model_registrations/image/{name}", registrations.registration, methods=["GET"]),
+        Route("/v1/model_registrations/image/{name}", registrations.unregister, methods=["DELETE"]),
+        Route("/v1/engines/image/{model_name}", registrations.engines, methods=["GET"]),
         Route("/v1/cluster/auth", system.cluster_auth, methods=["GET"]),
+        Route("/v1/address", system.address, methods=["GET"]),
+        Route("/sdapi/v1/txt2img", sdapi.txt2img, methods=["POST"]),
+        Route("/sdapi/v1/img2img", sdapi.img2img, methods=["POST"]),
+        Route("/sdapi/v1/options", sdapi.get_options, methods=["GET"]),
+        Route("/sdapi/v1/options", sdapi.set_options, methods=["POST"]),
+        Route("/sdapi/v1/sd-models", sdapi.sd_models, methods=["GET"]),
+        Route("/sdapi/v1/samplers", sdapi.samplers, methods=["GET"]),
+        Route("/sdapi/v1/scripts", sdapi.scripts, methods=["GET"]),
+        Route("/sdapi/v1/progress", sdapi.progress, methods=["GET"]),
+        Route("/sdapi/v1/interrupt", sdapi.interrupt, methods=["POST"]),
         Route("/status", system.status, methods=["GET"]),
         Route("/metrics", system.metrics, methods=["GET"]),
         Route("/", ui.home, methods=["GET"]),
         Route("/ui", ui.page, methods=["GET"], name="ui"),
         Route("/ui/config.json", ui.config, methods=["GET"]),
         Mount("/ui", ui.static_files()),
+        Route("/openapi.json", docs.openapi_json, methods=["GET"]),
+        Route("/docs", docs.docs, methods=["GET"]),
+        Mount("/docs/assets", docs.assets(), name="docs-assets"),
     ]
 
 
@@ -125,6 +145,7 @@ def create_app(registry: ModelRegistry | None = None, *, settings: Settings = Se
     app.state.latency = latency
     app.state.drain = drain
     app.state.extra_metrics = []  # async () -> str, appended to /metrics (kiln.cluster adds Ray Serve's own)
+    app.state.sdapi = sdapi.SdapiState()
     return app
 
 
@@ -176,14 +197,15 @@ class BodyLimit:
 
 
 class ApiKeyAuth:
-    """With API keys configured, every route but the health and auth probes and the playground's page and files
-    needs `Authorization: Bearer <key>` (what both OpenAI's SDK and Xinference's client send). Stored image files
-    stay open too: an `<img>` cannot send a header, so their URLs are the capability (random 128-bit names that
-    expire)."""
+    """With API keys configured, every route but the health and auth probes, the playground's page and files, and
+    the API document and its page needs `Authorization: Bearer <key>` (what both OpenAI's SDK and Xinference's
+    client send). Stored image files stay open too: an `<img>` cannot send a header, so their URLs are the
+    capability (random 128-bit names that expire)."""
 
-    OPEN_PATHS = frozenset({"/status", "/v1/cluster/auth", "/", "/ui"})
-    # The playground's files hold no secrets (the page asks for a key and sends it); image files are capabilities.
-    OPEN_PREFIXES = ("/ui/", "/v1/images/files/")
+    OPEN_PATHS = frozenset({"/status", "/v1/cluster/auth", "/", "/ui", "/openapi.json", "/docs"})
+    # The playground's and the API page's files hold no secrets (the playground asks for a key and sends it);
+    # image files are capabilities.
+    OPEN_PREFIXES = ("/ui/", "/docs/assets/", "/v1/images/files/")
 
     def __init__(self, app: ASGIApp, keys: frozenset[str]):
         self.app = app

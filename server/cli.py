@@ -17,7 +17,7 @@ import threading
 import uuid
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 import httpx
 
@@ -26,7 +26,7 @@ from kiln.server.client import Client, ImageModelHandle, KilnError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:9997"
 PROGRESS_POLL_SECONDS = 0.2
-LAUNCH_DOT_SECONDS = 0.5
+LAUNCH_POLL_SECONDS = 0.2
 _SUFFIX_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
@@ -140,35 +140,58 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.endpoint, api_key=args.api_key)
 
 
-@contextlib.contextmanager
-def dots(out: TextIO = sys.stderr) -> Iterator[None]:
-    """Print a dot every LAUNCH_DOT_SECONDS while the body blocks, then end the line: a slow load looks alive."""
-    done = threading.Event()
-
-    def run() -> None:
-        while not done.wait(LAUNCH_DOT_SECONDS):
-            print(".", end="", file=out, flush=True)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        print(file=out)
-
-
 def cmd_launch(args: argparse.Namespace) -> int:
-    """Launch and wait for the load (wait_ready=true), printing dots meanwhile. A failed load answers with the
-    server's own status (400 for the user's mistake, such as weights not in the cache) and message, and its uid
-    is freed, exactly as for any other client."""
-    print(f"Launching {args.model_uid or args.model_name}", end="", file=sys.stderr, flush=True)
-    with _client(args) as client, dots():
-        uid = client.launch_model(
-            args.model_name, args.model_type, model_uid=args.model_uid, model_path=args.model_path, **args.options,
-        )
+    """Launch and wait for the load (wait_ready=true, in a thread), drawing the launch progress as Xinference's
+    CLI does. A failed load answers with the server's own status (400 for the user's mistake, such as weights not
+    in the cache) and message, and its uid is freed. Ctrl-C cancels the launch (Xinference's CLI asks first; here
+    the interrupt is the answer)."""
+    uid = args.model_uid or args.model_name
+    outcome: dict[str, Any] = {}
+
+    def launch(client: Client) -> None:
+        try:
+            outcome["uid"] = client.launch_model(args.model_name, args.model_type, model_uid=args.model_uid,
+                                                 model_path=args.model_path, wait_ready=True, **args.options)
+        except Exception as error:  # noqa: BLE001 - re-raised on the main thread
+            outcome["error"] = error
+
+    print(f"Launching {uid}", file=sys.stderr, flush=True)
+    with _client(args) as client, _client(args) as progress:
+        waiter = threading.Thread(target=launch, args=(client,), daemon=True)
+        waiter.start()
+        try:
+            with ProgressBar(lambda: progress.get_launch_model_progress(uid)["progress"], sys.stderr):
+                while waiter.is_alive():
+                    waiter.join(LAUNCH_POLL_SECONDS)
+                if "error" in outcome:
+                    raise outcome["error"]
+        except KeyboardInterrupt:
+            with contextlib.suppress(KilnError):
+                progress.cancel_launch_model(uid)
+            print(f"Launch of {uid} cancelled", file=sys.stderr)
+            return 130
+    uid = outcome["uid"]
     print(f"Model uid: {uid}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register a custom model from a spec file (Xinference's format); the server checks it."""
+    spec = args.file.read_text(encoding="utf-8")
+    with _client(args) as client:
+        client.register_model(args.model_type, spec, persist=args.persist)
+    name = json.loads(spec).get("model_name") if spec.strip().startswith("{") else None
+    print(f"Registered {name}" + (" (persisted)" if args.persist else ""))
+    return 0
+
+
+def cmd_unregister(args: argparse.Namespace) -> int:
+    name = args.name or args.model_name
+    if not name:
+        raise KilnError("unregister model", 400, "give the model name: kiln unregister NAME")
+    with _client(args) as client:
+        client.unregister_model(args.model_type, name)
+    print(f"Unregistered {name}")
     return 0
 
 
@@ -348,6 +371,21 @@ def build_parser() -> argparse.ArgumentParser:
     terminate.add_argument("-u", "--model-uid", "--model_uid", dest="model_uid", required=True)
     _add_endpoint(terminate)
     terminate.set_defaults(handler=cmd_terminate)
+
+    register = commands.add_parser("register", help="register a custom model (a local diffusers folder) by name")
+    register.add_argument("-f", "--file", type=Path, required=True, help="the model spec, JSON as Xinference's")
+    register.add_argument("-t", "--model-type", "--model_type", dest="model_type", default="image")
+    register.add_argument("-p", "--persist", action="store_true", help="keep it across restarts (under $KILN_HOME)")
+    _add_endpoint(register)
+    register.set_defaults(handler=cmd_register)
+
+    unregister = commands.add_parser("unregister", help="remove a registered model")
+    unregister.add_argument("name", nargs="?", metavar="NAME")
+    unregister.add_argument("-n", "--model-name", "--model_name", dest="model_name",
+                            help="as Xinference's CLI takes it")
+    unregister.add_argument("-t", "--model-type", "--model_type", dest="model_type", default="image")
+    _add_endpoint(unregister)
+    unregister.set_defaults(handler=cmd_unregister)
 
     generate = commands.add_parser("generate", help="generate images with a running model and save them")
     generate.add_argument("-m", "--model", required=True, help="model uid")

@@ -11,6 +11,7 @@ from kiln.engine.images import ImageStore
 if TYPE_CHECKING:
     from ..app import Settings
     from ..registry import ModelRegistry
+    from .sdapi import SdapiState
 
 
 def registry(request: Request) -> "ModelRegistry":
@@ -29,3 +30,7 @@ def base_url(request: Request) -> str:
     """Where the `url`s Kiln hands out start: the configured public URL, else the request's own base (from its
     Host header, which TrustedHosts has checked against the allowed hosts)."""
     return settings(request).public_url or str(request.base_url)
+
+
+def sdapi(request: Request) -> "SdapiState":
+    return request.app.state.sdapi

@@ -74,7 +74,7 @@ async def _from_form(
     mask_data = _one_file(files, (mask_field,), required=mask_required) if mask_field else None
     ability = INPAINTING if mask_data is not None else IMAGE2IMAGE
     runner = context.registry(request).pick(_model_name(fields), ability)
-    image = await _upload(request, _one_file(files, _IMAGE_FIELDS, required=True), "image")
+    image = await read_upload(request, _one_file(files, _IMAGE_FIELDS, required=True), "image")
     mask = await _mask(request, mask_data, mask_field, image) if mask_data is not None else None
     parsed = parse_image_request(runner.spec, fields, limits=context.settings(request).limits, mode=ability,
                                  default_size=fit_size(runner.spec, *image.size), prompt_required=prompt_required,
@@ -134,7 +134,7 @@ def _one_file(files: dict[str, list[Upload]], names: tuple[str, ...], *, require
     return uploads[0] if uploads else None
 
 
-async def _upload(request: Request, data: bytes, field: str, mode: str = "RGB") -> Image.Image:
+async def read_upload(request: Request, data: bytes, field: str, mode: str = "RGB") -> Image.Image:
     """Decode one uploaded image off the event loop; 413 past the byte or pixel bounds, 415 if it is not an
     image."""
     config = context.settings(request)
@@ -150,7 +150,7 @@ async def _upload(request: Request, data: bytes, field: str, mode: str = "RGB") 
 
 
 async def _mask(request: Request, data: bytes, field: str, image: Image.Image) -> Image.Image:
-    mask = await _upload(request, data, field, mode="L")
+    mask = await read_upload(request, data, field, mode="L")
     if mask.size != image.size:
         raise bad_request(f"{field} is {mask.size[0]}x{mask.size[1]} but the image is {image.size[0]}x"
                           f"{image.size[1]}; the mask must have the image's size", field, "mask_size_mismatch")

@@ -26,3 +26,9 @@ async def metrics(request: Request) -> Response:
 
 async def cluster_auth(request: Request) -> Response:
     return JSONResponse({"auth": bool(request.app.state.settings.api_keys)})
+
+
+async def address(request: Request) -> Response:
+    """Xinference's supervisor address, as "host:port": here, the address this server answered on."""
+    host, port = request.scope.get("server") or (request.url.hostname, request.url.port)
+    return JSONResponse(f"{host}:{port}")

@@ -247,9 +247,13 @@ class ForwardingEndpoint:
     status = property(lambda self: self._runner.status)
     error = property(lambda self: self._runner.error)
     created = property(lambda self: self._runner.created)
+    load_progress = property(lambda self: self._runner.load_progress)
 
     def load(self):
         self._runner.load()
+
+    def cancel_load(self):
+        return self._runner.cancel_load()
 
     def close(self):
         self._runner.close()
@@ -282,5 +286,6 @@ def test_the_registry_serves_any_model_endpoint(server_factory) -> None:
     assert server.http.post("/v1/images/generations", json=body).status_code == 200
     assert server.http.get("/v1/requests/through-the-protocol/progress").json() == {"progress": 1.0}
     assert server.http.get("/v1/models/sd-turbo").json()["forwarded"] is True
+    assert server.http.get("/v1/models/sd-turbo/progress").json() == {"progress": 1.0}
     assert 'kiln_images_generated_total{model="sd-turbo"} 1' in server.http.get("/metrics").text
     assert server.http.delete("/v1/models/sd-turbo").status_code == 200
