@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 from kiln.engine.backends import BACKEND_NAMES, package_unavailable
-from kiln.engine.catalogue import ModelSpec
+from kiln.engine.catalogue import CATALOGUE, ModelSpec
 from kiln.engine.coerce import Unparsable, is_none_word, to_bool, to_int
 from kiln.engine.errors import InvalidRequest
 
@@ -43,6 +43,9 @@ class LaunchOptions:
     max_batch_size: int | None = None  # active jobs (images) at most; None ("auto"): from free GPU memory, 16 on CPU
     max_queue_size: int = 256  # jobs waiting for admission
     backend: str = "auto"  # auto: tensorrt with a cached engine, else compile on a GPU, else eager
+    # Resident ControlNets: (name, local path or None for the catalogue's hub id), in launch order.
+    controlnet: tuple[tuple[str, str | None], ...] = ()
+    controlnet_lanes: str = "shared"  # "split": jobs with ControlNet get lanes of their own (a benchmark baseline)
 
 
 def resolve_dtype(spec: ModelSpec, options: LaunchOptions, device_type: str) -> str:
@@ -152,6 +155,19 @@ def _backend(name: str, value: object) -> str:
     return backend
 
 
+def _controlnets(name: str, value: object) -> tuple[tuple[str, str | None], ...]:
+    """Xinference's `controlnet`: a name or a list of names (the catalogue's), or Kiln's {name: local path}."""
+    if is_none_word(value) or value == "":
+        return ()
+    if isinstance(value, str):
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) and item for item in value):
+        return tuple((item, None) for item in dict.fromkeys(value))
+    if isinstance(value, Mapping) and value and all(isinstance(key, str) and key for key in value):
+        return tuple((key, local_path(f"{name}.{key}", path)) for key, path in value.items())
+    raise invalid_option(name, "a ControlNet name, a list of names, or {name: local path}", value)
+
+
 # Launch option name -> (LaunchOptions field, parser).
 _OPTIONS: Mapping[str, tuple[str, Callable[[str, object], object]]] = {
     "torch_dtype": ("torch_dtype", dtype_name),
@@ -165,6 +181,8 @@ _OPTIONS: Mapping[str, tuple[str, Callable[[str, object], object]]] = {
     "max_batch_size": ("max_batch_size", _batch_size),
     "max_queue_size": ("max_queue_size", positive_int),
     "backend": ("backend", _backend),
+    "controlnet": ("controlnet", _controlnets),
+    "controlnet_lanes": ("controlnet_lanes", _choice(("shared", "split"))),
 }
 
 
@@ -184,7 +202,22 @@ def parse_launch_options(spec: ModelSpec, raw: Mapping[str, object]) -> LaunchOp
         # Only the catalogue default can get here (an explicit request is refused above): drop it quietly.
         kept = tuple(name for name in options.quantize_text_encoder if name != "text_encoder_3")
         options = replace(options, quantize_text_encoder=kept)
+    _check_controlnets(spec, options)
     return options
+
+
+def _check_controlnets(spec: ModelSpec, options: LaunchOptions) -> None:
+    """ControlNets named without a path must be the model's; a name of another model's list says whose it is."""
+    for name, path in options.controlnet:
+        if path is not None or name in spec.controlnets:
+            continue
+        accepted = ", ".join(spec.controlnets) or "none by name (pass {name: local path})"
+        owners = sorted((other for other in CATALOGUE.values() if name in other.controlnets),
+                        key=lambda other: other.family is not spec.family)  # the same family first
+        whose = (f"; {name!r} is a ControlNet of {owners[0].name} ({owners[0].controlnets[name].hub_id}), made for "
+                 f"another denoiser than {spec.name}'s") if owners else ""
+        raise LaunchOptionError(f"launch option 'controlnet': {spec.name} has no ControlNet {name!r}{whose}; "
+                                f"accepted: {accepted}", "controlnet")
 
 
 def _check_text_encoders(spec: ModelSpec, options: LaunchOptions, explicit: tuple[str, ...]) -> None:

@@ -35,7 +35,7 @@ class CompileBackend(Backend):
         self.compiled = torch.compile(denoiser, backend=compiler, mode=mode, dynamic=False)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        names, shared = self.input_names, self.shared_inputs
+        names, shared = self.names(inputs), self.shared_inputs
         rows = batch_rows(inputs, names, shared)
         largest = self.buckets[-1]
         if rows > largest:  # more rows than max_rows: run in bucket-sized pieces

@@ -7,7 +7,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
 
 from kiln.kernels import attention
 
@@ -54,9 +56,14 @@ def onnx_export_for(family: Any, model: str, source: str | None, cache: Any):
 
 def make_backend(requested: str, family: Any, *, model: str, source: str | None = None,
                  max_batch_size: int = 16, sizes: list[tuple[int, int]] | None = None, cpu_offload: bool = False,
-                 cache: Any = None, compiler: str | None = None, compile_mode: str | None = None):
+                 cache: Any = None, compiler: str | None = None, compile_mode: str | None = None,
+                 unsupported: Mapping[str, str] | None = None):
     """The backend `requested` (or chosen by `auto`) for the family's denoiser; raises BackendUnavailable (a
-    ModelLoadError) with the reason when it cannot run here. Installs the attention processors first."""
+    ModelLoadError) with the reason when it cannot run here. `unsupported` maps backends the launch's parts cannot
+    run on to why (auto never picks them). Installs the attention processors first."""
+    unsupported = unsupported or {}
+    if requested in unsupported:
+        raise BackendUnavailable(f"backend {requested!r} cannot run this launch: {unsupported[requested]}")
     if requested not in BACKEND_NAMES:
         raise BackendUnavailable(f"unknown backend {requested!r}; accepted: {', '.join(BACKEND_NAMES)}")
     denoiser = unwrap(family.denoiser)
@@ -71,9 +78,10 @@ def make_backend(requested: str, family: Any, *, model: str, source: str | None 
     if requested == "auto":
         name = "eager"
         if device.type == "cuda" and not cpu_offload:
-            engine_entry = _cached_engine(family, model, source, cache, sizes, rows)
+            if "tensorrt" not in unsupported:
+                engine_entry = _cached_engine(family, model, source, cache, sizes, rows)
             name = "tensorrt" if engine_entry is not None else "compile"
-            if name == "compile" and compile_unavailable("cuda", compiler):
+            if name == "compile" and (compile_unavailable("cuda", compiler) or "compile" in unsupported):
                 name = "eager"
         log.info("backend auto -> %s", name)
     else:
@@ -123,18 +131,33 @@ def _build_engine_now(family, model, source, cache, sizes, rows):
 
 def launch_backend(requested: str, family: Any, *, model: str, source: str | None,
                    max_batch_size: int, warmup_size: tuple[int, int], cpu_offload: bool = False,
-                   cache: Any = None) -> dict[str, Any]:
+                   cache: Any = None, unsupported: Mapping[str, str] | None = None,
+                   variants: Sequence[Callable[[dict, int, int], list[dict]]] = ()) -> dict[str, Any]:
     """What the runner calls after loading: make the backend, put it in place of `family.denoiser`, warm it
-    up at `warmup_size` (compile: every bucket), and return its description (backend, warm-up seconds, ...)."""
+    up at `warmup_size` (compile: every bucket; and every input variant the parts' `variants` give, such as
+    ControlNet additions), and return its description (backend, warm-up seconds, ...)."""
     started = time.perf_counter()
-    backend = make_backend(requested, family, model=model, source=source,
-                           max_batch_size=max_batch_size, sizes=[warmup_size], cpu_offload=cpu_offload, cache=cache)
+    backend = make_backend(requested, family, model=model, source=source, max_batch_size=max_batch_size,
+                           sizes=[warmup_size], cpu_offload=cpu_offload, cache=cache, unsupported=unsupported)
     prepared = time.perf_counter() - started
     family.denoiser = backend
-    seconds = backend.warmup(ExampleInputs(family, *warmup_size), max_rows(family, max_batch_size))
+    examples = ExampleInputs(family, *warmup_size)
+    rows = max_rows(family, max_batch_size)
+    seconds = backend.warmup(examples, rows)
+    if variants:
+        started = time.perf_counter()
+        with torch.no_grad():
+            for bucket in backend.warmup_rows(rows):
+                named = examples.named(bucket)
+                for variant in variants:
+                    for inputs in variant(named, *warmup_size):
+                        family.forward(inputs)
+        seconds += time.perf_counter() - started
+        backend.warmup_seconds = seconds
     info = {**backend.describe(), "requested": requested, "prepare_seconds": round(prepared, 3),
             "warmup_seconds": round(seconds, 3), "warmup_size": f"{warmup_size[0]}x{warmup_size[1]}",
             "attention": getattr(backend.denoiser.model, "_kiln_attention", None)}
     log.info("model %s: backend %s ready (prepare %.1f s, warm-up %.1f s at %s)", model, backend.name, prepared,
              seconds, info["warmup_size"])
     return info
+
