@@ -65,11 +65,14 @@ def decode_upload(data: bytes, max_pixels: int, mode: str = "RGB") -> Image.Imag
         raise NotAnImage(
             f"not a readable image ({type(error).__name__}); send PNG, JPEG, WebP, GIF, BMP or TIFF"
         ) from None
-    if mode == "RGB" and (image.mode in ("RGBA", "LA") or "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert(mode)
+    try:
+        if mode == "RGB" and (image.mode in ("RGBA", "LA") or "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert(mode)
+    except (ValueError, OSError) as error:
+        raise NotAnImage(f"an image of mode {image.mode} cannot be converted to {mode} ({error})") from None
 
 
 class ImageStore:

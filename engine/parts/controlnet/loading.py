@@ -94,10 +94,19 @@ def _architecture(config: dict[str, Any]) -> str:
 # Config keys whose values a ControlNet must share with the denoiser, per ControlNet class.
 _SHARED = {
     "ControlNetModel": ("cross_attention_dim", "block_out_channels", "addition_embed_type",
-                        "projection_class_embeddings_input_dim", "in_channels"),
+                        "projection_class_embeddings_input_dim", "in_channels", "attention_head_dim",
+                        "use_linear_projection"),
     "SD3ControlNetModel": ("in_channels", "patch_size", "pooled_projection_dim", "caption_projection_dim"),
     "FluxControlNetModel": ("in_channels", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds"),
 }
+
+
+def _value(config: Any, key: str) -> Any:
+    """A config value as compared: per-block values written once (an int) count as that value for every block."""
+    value = config.get(key)
+    if key == "attention_head_dim" and isinstance(value, int):
+        return [value] * len(config.get("block_out_channels", ()))
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def check_fits(name: str, config: dict[str, Any], spec: Any, family: Any) -> None:
@@ -105,7 +114,7 @@ def check_fits(name: str, config: dict[str, Any], spec: Any, family: Any) -> Non
     engine does not run (union, XLabs-style FLUX, inpainting ControlNets with extra input channels)."""
     denoiser = family.denoiser.config
     kind, expected = config.get("_class_name"), spec.family.controlnet
-    mismatched = [key for key in _SHARED.get(kind, ()) if config.get(key) != denoiser.get(key)]
+    mismatched = [key for key in _SHARED.get(kind, ()) if _value(config, key) != _value(denoiser, key)]
     if kind == "SD3ControlNetModel" and config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0) != (
             denoiser.num_attention_heads * denoiser.attention_head_dim):
         mismatched.append("num_attention_heads x attention_head_dim")
