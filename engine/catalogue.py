@@ -81,6 +81,8 @@ class ModelSpec:
             "default_size": f"{self.default_size[0]}x{self.default_size[1]}",
             "default_steps": self.default_steps,
             "default_guidance_scale": self.default_guidance,
+            # Xinference's registration lists the ControlNets a launch may name (a launched model: the resident ones)
+            "controlnet": [controlnet.describe() for controlnet in self.controlnets.values()] or None,
         }
 
 

@@ -212,3 +212,11 @@ def test_compile_runs_controlnet_steps_without_recompiling_after_warmup(tiny_roo
     finally:
         runner.close()
         eager.close()
+
+
+def test_guess_mode_is_refused_where_controlnets_have_none(runner_for):
+    from kiln.engine.errors import InvalidRequest
+
+    runner = launched(runner_for, "sd3-medium")
+    with pytest.raises(InvalidRequest, match="guess mode is a UNet ControlNet feature"):
+        runner.submit(controlled(runner, units=[ControlUnit("canny", control_image(), guess_mode=True)]))

@@ -104,6 +104,5 @@ class ControlNet(Part):
         return variants
 
     def describe(self) -> dict[str, Any]:
-        return {"controlnet": [resident.describe() for resident in self.residents.values()],
-                "controlnet_lanes": self.options.controlnet_lanes}
+        return {"controlnet": [resident.describe() for resident in self.residents.values()]}
 
