@@ -265,7 +265,7 @@ class Executor:
         batch = ForwardBatch(rows, inputs, request.width, request.height)
         for part in self.parts:
             using = batch.rows_using(part)
-            if using:
+            if using and type(part).before_forward is not Part.before_forward:  # timed as a component call
                 with self._call(part.name, len(using), request.width, request.height):
                     part.before_forward(batch)
         with self._call("forward", len(rows), request.width, request.height):
