@@ -86,7 +86,7 @@ class ControlNet(Part):
         rows = torch.tensor([row for row, _, _ in pairs], device=self.family.device)
         sub = {key: value if key in shared else value[rows] for key, value in inputs.items()}
         samples = self.adapter.run(model, sub, torch.cat([unit.images[kind] for _, unit, kind in pairs]))
-        factors = torch.stack([self.adapter.level_factors(model, len(samples), unit.scale, unit.guess_mode)
+        factors = torch.stack([self.adapter.level_factors(len(samples), unit.scale, unit.guess_mode)
                                for _, unit, _ in pairs])
         names = self.family.denoiser.control_inputs
         return Group(rows, scaled(samples, factors), self.adapter.slots(model, samples, names))

@@ -20,13 +20,36 @@ from diffusers.image_processor import VaeImageProcessor
 Samples = list[torch.Tensor]
 
 
-class UNetControl:
-    """SD and SDXL: residuals for each down-block output and the mid block, slot k to input k."""
+class _Control:
+    """What the families share: the per-output factors (the scale; guess mode's taper where it exists)."""
+
+    guess_mode = False  # whether the family's ControlNets have diffusers' guess mode
+
+    def __init__(self, family: Any):
+        self.family = family
+
+    def is_guess_mode(self, model: torch.nn.Module, guess_mode: bool) -> bool:
+        return guess_mode
+
+    def level_factors(self, count: int, scale: float, guess_mode: bool) -> torch.Tensor:
+        """The multiplier of each output: diffusers' guess mode tapers the residuals from 0.1 (first down block)
+        to 1 (mid block), times the scale."""
+        if guess_mode:
+            return torch.logspace(-1, 0, count) * scale
+        return torch.full((count,), scale)
+
+    def slots(self, model: torch.nn.Module, samples: Samples, names: tuple[str, ...]) -> list[int | None]:
+        """For each of the denoiser's control inputs, the index of the sample it takes (None: nothing)."""
+        return list(range(len(names)))
+
+
+class UNetControl(_Control):
+    """SD and SDXL: residuals for each down-block output and the mid block, sample k to input k."""
 
     guess_mode = True
 
     def __init__(self, family: Any):
-        self.family = family
+        super().__init__(family)
         self.processor = VaeImageProcessor(vae_scale_factor=family.vae_scale_factor, do_convert_rgb=True,
                                            do_normalize=False)
 
@@ -44,23 +67,12 @@ class UNetControl:
     def added(self, inputs: dict[str, torch.Tensor]) -> dict:
         return {}
 
+    def is_guess_mode(self, model, guess_mode):
+        return guess_mode or bool(model.config.global_pool_conditions)  # as diffusers' pipelines force it
+
     def example_image(self, model: torch.nn.Module, width: int, height: int) -> torch.Tensor:
         """A blank prepared control image of one row (warm-up)."""
         return torch.zeros(1, 3, height, width, device=self.family.device, dtype=model.dtype)
-
-    def level_factors(self, model: torch.nn.Module, count: int, scale: float, guess_mode: bool) -> torch.Tensor:
-        """The multiplier of each output: diffusers' guess mode tapers the residuals from 0.1 (first down block)
-        to 1 (mid block), times the scale."""
-        if guess_mode:
-            return torch.logspace(-1, 0, count) * scale
-        return torch.full((count,), scale)
-
-    def is_guess_mode(self, model: torch.nn.Module, guess_mode: bool) -> bool:
-        return guess_mode or bool(model.config.global_pool_conditions)
-
-    def slots(self, model: torch.nn.Module, samples: Samples, names: tuple[str, ...]) -> list[int | None]:
-        """For each of the denoiser's control inputs, the index of the sample it takes (None: nothing)."""
-        return list(range(len(names)))
 
 
 class SDXLControl(UNetControl):
@@ -68,16 +80,8 @@ class SDXLControl(UNetControl):
         return {"added_cond_kwargs": {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}}
 
 
-class _TransformerControl(UNetControl):
+class _TransformerControl(_Control):
     """SD3 and FLUX: one sample per ControlNet block, spread over the transformer's blocks as diffusers does."""
-
-    guess_mode = False
-
-    def level_factors(self, model, count, scale, guess_mode):
-        return torch.full((count,), scale)
-
-    def is_guess_mode(self, model, guess_mode):
-        return False
 
     def example_image(self, model, width, height):
         return self.family.pack(torch.zeros(self.family.latent_shape(width, height), device=self.family.device,
