@@ -93,9 +93,9 @@ def _merge_records(runs: list[dict[str, Any]]) -> dict[str, dict[str, list]]:
     for run in runs:
         for model, records in run["stats"]["models"].items():
             target = merged.setdefault(model, {key: [] for key in ("steps", "admits", "encodes", "forwards",
-                                                                   "decodes")})
+                                                                   "decodes", "parts")})
             for key in target:
-                target[key] += records[key]
+                target[key] += records.get(key, [])
     return merged
 
 
@@ -146,7 +146,18 @@ def _kiln_figures(runs: list[dict[str, Any]], max_batch_size: int) -> dict[str, 
     jobs = [row[4] for row in steps]
     rows = [row[2] for row in forwards]
     step_seconds = [row[1] for row in steps]
+    parts: dict[str, dict[str, Any]] = {}
+    for name, _, _, using, seconds in (row for records in merged.values() for row in records["parts"]):
+        part = parts.setdefault(name, {"forwards": 0, "rows": 0, "seconds": 0.0})
+        part["forwards"] += 1
+        part["rows"] += using
+        part["seconds"] += seconds
+    for part in parts.values():  # per forward that had rows using the part (ControlNet: its sub-forwards)
+        part["mean_rows"] = part["rows"] / part["forwards"]
+        part["mean_seconds"] = part["seconds"] / part["forwards"]
     return {
+        "parts": parts,
+        "forward_s": percentiles([row[3] for row in forwards]),
         "batches": {
             "steps": len(steps),
             "forwards": len(forwards),
@@ -197,9 +208,20 @@ def run_kiln(settings: Settings, scenarios: list[Scenario], plans: list[Plan] | 
     notes: dict[str, Any] = {"pid": kiln.pid, "idle_neighbours": list(neighbours)}
     try:
         started = time.monotonic()
-        for model, options in models.items():
-            kiln.launch(model, {**options, "max_batch_size": settings.max_batch_size,
-                                "max_queue_size": settings.max_queue_size})
+        launched: dict[str, dict] = {}
+
+        def launch(extra: dict[str, Any]) -> bool:
+            """Every model launched with a plan's extra options (relaunched where they changed); whether any was."""
+            changed = False
+            for model, options in models.items():
+                wanted = {**options, "max_batch_size": settings.max_batch_size,
+                          "max_queue_size": settings.max_queue_size, **extra}
+                if launched.get(model) != wanted:
+                    kiln.launch(model, wanted)
+                    launched[model], changed = wanted, True
+            return changed
+
+        launch({})
         for model in neighbours:
             kiln.launch(model, neighbour_options(model, settings))
         notes["backends"] = {model: kiln.describe(model).get("backend") for model in models}
@@ -207,6 +229,9 @@ def run_kiln(settings: Settings, scenarios: list[Scenario], plans: list[Plan] | 
         notes["memory_after_load"] = kiln.memory()
 
         def measure(plan: Plan) -> dict[str, Any]:
+            if launch(plan.launch) and settings.warmup:
+                for warm in warmup_plans([plan], settings.max_batch_size):
+                    run_plan(warm, kiln)
             log(f"{name}: {plan.name} ({len(plan.requests)} requests)")
             kiln.stats(reset=True)
             before = load_average()
@@ -419,6 +444,13 @@ def run_benchmark(scenarios: list[Scenario], settings: Settings, log: Log = prin
         for item in scenario.mix:
             if item.model not in models:
                 models[item.model] = model_options(settings, item.model, log)
+            if item.controlnet:
+                if set(settings.systems) - {"kiln"}:
+                    raise BenchError("ControlNet requests run on kiln only (the baselines are plain pipelines): "
+                                     "run this scenario file with --systems kiln")
+                names = models[item.model].setdefault("controlnet", [])
+                if item.controlnet not in names:
+                    names.append(item.controlnet)
 
     plans: list[Plan] | None = None if "kiln" in settings.systems else [p for s in scenarios for p in draw_plans(s)]
     neighbours = idle_neighbours(list(settings.idle_neighbours), list(models))

@@ -22,6 +22,11 @@ without their own use:
     kind = "burst"             # every request at once
     requests = 32
 
+A request class with `controlnet = "canny"` sends a ControlNet unit (Kiln only; the model is launched with the
+ControlNets its classes name); a scenario's `launch` table adds Kiln launch options to its plans' models (Kiln
+relaunches a model between plans whose options differ), e.g. `launch = {controlnet_lanes = "split"}`, and
+`draw_as = "<another scenario>"` gives it that scenario's very requests.
+
 Every system sees exactly the same requests (prompts, seeds, sizes, arrival times): they are drawn once, from
 `seed`, by `plan()`.
 """
@@ -67,6 +72,7 @@ class RequestClass:
     guidance: float = 7.5
     n: int = 1
     weight: float = 1.0
+    controlnet: str | None = None  # a ControlNet unit (Kiln only): the name of a ControlNet the model is launched with
 
     @property
     def size(self) -> str:
@@ -87,11 +93,12 @@ class BenchRequest:
     seed: int
     n: int = 1
     at: float = 0.0
+    controlnet: str | None = None
 
     @property
     def batch_key(self) -> tuple:
         """What requests must share to run in one plain pipeline call (static batching)."""
-        return (self.model, self.width, self.height, self.steps, self.guidance)
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.controlnet)
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,8 @@ class Scenario:
     rate: float | None = None  # open loop: images per second
     load: float | None = None  # open loop: fraction of Kiln's capacity on this mix (resolved after Kiln's closed runs)
     seed: int = 0
+    launch: Mapping[str, Any] = field(default_factory=dict)  # Kiln launch options of this scenario's models
+    draw_as: str | None = None  # draw the same requests as the scenario of this name (compare launch options)
 
 
 @dataclass
@@ -122,6 +131,7 @@ class Plan:
     load: float | None = None  # the capacity fraction asked for, if any
     mix: tuple[RequestClass, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)
+    launch: dict[str, Any] = field(default_factory=dict)  # Kiln launch options the plan runs under
 
     @property
     def images(self) -> int:
@@ -164,7 +174,7 @@ def parse_mix(items: Any, where: str) -> tuple[RequestClass, ...]:
         if not isinstance(item, Mapping):
             raise ScenarioError(f"{spot}: a request class is a table, got {item!r}")
         item = dict(item)
-        known = {"model", "size", "width", "height", "steps", "guidance", "n", "weight"}
+        known = {"model", "size", "width", "height", "steps", "guidance", "n", "weight", "controlnet"}
         unknown = set(item) - known
         if unknown:
             raise ScenarioError(f"{spot}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -223,6 +233,8 @@ def check_scenario(scenario: Scenario, where: str) -> None:
             raise ScenarioError(f"{where}: rate and load must be > 0")
     if scenario.requests is not None and scenario.requests < 1:
         raise ScenarioError(f"{where}: requests must be >= 1")
+    if not isinstance(scenario.launch, Mapping):
+        raise ScenarioError(f"{where}: launch must be a table of Kiln launch options")
 
 
 def load_scenario_file(path: Path | str) -> list[Scenario]:
@@ -249,6 +261,7 @@ def draw_requests(mix: Sequence[RequestClass], count: int, rng: random.Random, p
         requests.append(BenchRequest(
             id=f"{prefix}-{index:05d}", model=item.model, prompt=rng.choice(PROMPTS), width=item.width,
             height=item.height, steps=item.steps, guidance=item.guidance, seed=rng.randrange(2**31 - 1), n=item.n,
+            controlnet=item.controlnet,
         ))
     return requests
 
@@ -256,19 +269,21 @@ def draw_requests(mix: Sequence[RequestClass], count: int, rng: random.Random, p
 def plan(scenario: Scenario, rate: float | None = None) -> list[Plan]:
     """The scenario's plans with their requests drawn (deterministically from its seed). An open loop needs its
     rate: the scenario's own, else `rate` (resolved from `load` by the caller)."""
-    rng = random.Random(f"{scenario.name}:{scenario.seed}")
+    rng = random.Random(f"{scenario.draw_as or scenario.name}:{scenario.seed}")
     if scenario.kind == "closed":
         plans = []
         for level in scenario.concurrency:
             count = scenario.requests or level * (scenario.requests_per_client or 8)
             name = f"{scenario.name}-c{level}"
-            plans.append(Plan(name, scenario.name, "closed", draw_requests(scenario.mix, count, rng, name),
-                              concurrency=level, mix=scenario.mix))
+            ids = f"{scenario.draw_as or scenario.name}-c{level}"
+            plans.append(Plan(name, scenario.name, "closed", draw_requests(scenario.mix, count, rng, ids),
+                              concurrency=level, mix=scenario.mix, launch=dict(scenario.launch)))
         return plans
     count = scenario.requests or (32 if scenario.kind == "burst" else 200)
     requests = draw_requests(scenario.mix, count, rng, scenario.name)
     if scenario.kind == "burst":
-        return [Plan(scenario.name, scenario.name, "burst", requests, concurrency=count, mix=scenario.mix)]
+        return [Plan(scenario.name, scenario.name, "burst", requests, concurrency=count, mix=scenario.mix,
+                     launch=dict(scenario.launch))]
     rate = scenario.rate if scenario.rate is not None else rate
     if rate is None or rate <= 0:
         raise ScenarioError(f"scenario {scenario.name}: the open-loop rate is not known (load={scenario.load})")
@@ -278,7 +293,8 @@ def plan(scenario: Scenario, rate: float | None = None) -> list[Plan]:
     for request in requests:
         clock += rng.expovariate(rate / mean_images)
         timed.append(replace(request, at=round(clock, 6)))
-    return [Plan(scenario.name, scenario.name, "open", timed, rate=rate, load=scenario.load, mix=scenario.mix)]
+    return [Plan(scenario.name, scenario.name, "open", timed, rate=rate, load=scenario.load, mix=scenario.mix,
+                 launch=dict(scenario.launch))]
 
 
 def same_mix(a: Sequence[RequestClass], b: Sequence[RequestClass]) -> bool:

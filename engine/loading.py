@@ -90,30 +90,36 @@ def resolve_weights(spec: ModelSpec, options: LaunchOptions) -> Path:
         return path
     if options.tiny:
         return tiny_checkpoint(spec.name)
+    # A variant's files are what a variant launch loads: fetch them instead of skipping them.
+    ignore = [pattern for pattern in _HUB_IGNORE if not options.variant or f".{options.variant}." not in pattern]
+    return hub_snapshot(
+        spec.hub_id, f"the weights of {spec.name}", "model_index.json", _HUB_ALLOW, ignore,
+        "pass model_path=<a local diffusers directory>, or pass tiny=True for random tiny weights",
+    )
+
+
+def hub_snapshot(hub_id: str, what: str, marker: str, allow: list[str], ignore: list[str], hint: str) -> Path:
+    """The local snapshot of hub repository `hub_id` that holds `marker`: the Hugging Face cache's, else one
+    downloaded now (never while HF_HUB_OFFLINE is set). `what` and `hint` word the error when there is none."""
     cache = hub_cache_dir()
     try:
-        path = Path(snapshot_download(spec.hub_id, cache_dir=cache, local_files_only=True))
-        if (path / "model_index.json").is_file():
+        path = Path(snapshot_download(hub_id, cache_dir=cache, local_files_only=True))
+        if (path / marker).is_file():
             return path
     except LocalEntryNotFoundError:
         pass
     if _hub_offline():
-        raise _not_found(spec, cache, "the hub is not tried because HF_HUB_OFFLINE is set")
-    # A variant's files are what a variant launch loads: fetch them instead of skipping them.
-    ignore = [pattern for pattern in _HUB_IGNORE if not options.variant or f".{options.variant}." not in pattern]
+        raise _not_found(what, hub_id, cache, "the hub is not tried because HF_HUB_OFFLINE is set", hint)
     try:
-        return Path(snapshot_download(
-            spec.hub_id, cache_dir=cache, allow_patterns=_HUB_ALLOW, ignore_patterns=ignore,
-        ))
+        return Path(snapshot_download(hub_id, cache_dir=cache, allow_patterns=allow, ignore_patterns=ignore))
     except Exception as error:  # network, auth and gating errors all end the same way for the user
-        raise _not_found(spec, cache, f"downloading from the hub failed: {error}") from error
+        raise _not_found(what, hub_id, cache, f"downloading from the hub failed: {error}", hint) from error
 
 
-def _not_found(spec: ModelSpec, cache: Path, reason: str) -> ModelLoadError:
+def _not_found(what: str, hub_id: str, cache: Path, reason: str, hint: str) -> ModelLoadError:
     return ModelLoadError(
-        f"the weights of {spec.name} ({spec.hub_id}) are not in the Hugging Face cache (looked in {cache}, set by "
-        f"HF_HUB_CACHE or HF_HOME) and {reason}. Download them there, pass model_path=<a local diffusers "
-        "directory>, or pass tiny=True for random tiny weights"
+        f"{what} ({hub_id}) are not in the Hugging Face cache (looked in {cache}, set by HF_HUB_CACHE or HF_HOME) "
+        f"and {reason}. Download them there, or {hint}"
     )
 
 
@@ -258,7 +264,7 @@ def _needs_gpu(options: LaunchOptions, device: torch.device) -> None:
 
 # diffusers and transformers switch process-wide torch state while they build models (default dtype, meta-device
 # init), so two loads in parallel threads corrupt each other ("Cannot copy out of meta tensor"): one at a time.
-_LOAD_LOCK = threading.Lock()
+LOAD_LOCK = threading.Lock()
 
 
 def load_model(spec: ModelSpec, options: LaunchOptions,
@@ -266,7 +272,7 @@ def load_model(spec: ModelSpec, options: LaunchOptions,
     """Load the text-to-image pipeline of `spec` honouring dtype, device, offload, quantization, dropped T5 and
     the memory options. `on_progress(fraction)` is told each stage done (weights found, encoders quantized,
     pipeline built, placed): what `GET /v1/models/{uid}/progress` shows, and where a cancelled launch stops."""
-    with _LOAD_LOCK:
+    with LOAD_LOCK:
         return _load_model(spec, options, on_progress)
 
 

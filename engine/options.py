@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from kiln.engine.backends import BACKEND_NAMES, package_unavailable
-from kiln.engine.catalogue import ModelSpec
+from kiln.engine.catalogue import CATALOGUE, ModelSpec
 from kiln.engine.coerce import Unparsable, is_none_word, to_bool, to_int
 from kiln.engine.errors import InvalidRequest
 
@@ -21,6 +21,7 @@ HALF_DTYPES = frozenset({"float16", "bfloat16"})
 QUANTIZATIONS = ("8-bit", "4-bit")
 TRANSFORMER_QUANTIZATIONS = (*QUANTIZATIONS, "nf4")  # Xinference's spelling; 4-bit is NF4 here too
 ATTENTION_SLICES = ("auto", "max")
+CONTROLNET_LANES = ("shared", "split")
 BACKENDS = BACKEND_NAMES  # auto, eager, compile, onnx, tensorrt (engine/backends)
 
 
@@ -55,6 +56,9 @@ class LaunchOptions:
     low_cpu_mem_usage: bool | None = None  # None: diffusers' default (True with accelerate)
     use_safetensors: bool | None = None  # None: safetensors when present, else .bin
     transformer_quantization: str | None = None  # the denoiser in 8-bit or 4-bit through diffusers' bitsandbytes
+    # Resident ControlNets: (name, local path or None for the catalogue's hub id), in launch order.
+    controlnet: tuple[tuple[str, str | None], ...] = ()
+    controlnet_lanes: str = "shared"  # "split": jobs with ControlNet get lanes of their own (a benchmark baseline)
 
     @property
     def eager_only(self) -> str | None:
@@ -233,6 +237,19 @@ def _enum(values: tuple[str, ...], nullable: bool = False) -> Mapping[str, Any]:
     return {"enum": [*values, None]} if nullable else {"type": "string", "enum": list(values)}
 
 
+def _controlnets(name: str, value: object) -> tuple[tuple[str, str | None], ...]:
+    """Xinference's `controlnet`: a name or a list of names (the catalogue's), or Kiln's {name: local path}."""
+    if is_none_word(value) or value == "":
+        return ()
+    if isinstance(value, str):
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) and item for item in value):
+        return tuple((item, None) for item in dict.fromkeys(value))
+    if isinstance(value, Mapping) and value and all(isinstance(key, str) and key for key in value):
+        return tuple((key, local_path(f"{name}.{key}", path)) for key, path in value.items())
+    raise invalid_option(name, "a ControlNet name, a list of names, or {name: local path}", value)
+
+
 LAUNCH_OPTIONS: Mapping[str, LaunchOption] = {
     "torch_dtype": LaunchOption("torch_dtype", dtype_name, _enum(DTYPES, nullable=True),
                                 "Weights dtype; default: the catalogue's (float32 on a CPU for half-precision ones)."),
@@ -277,6 +294,14 @@ LAUNCH_OPTIONS: Mapping[str, LaunchOption] = {
         "transformer_quantization", _optional_choice(TRANSFORMER_QUANTIZATIONS),
         _enum(TRANSFORMER_QUANTIZATIONS, nullable=True),
         "Quantize the UNet/transformer with bitsandbytes through diffusers: 8-bit, 4-bit or nf4 (NF4); CUDA only."),
+    "controlnet": LaunchOption(
+        "controlnet", _controlnets,
+        {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                   {"type": "object", "additionalProperties": {"type": "string"}}, {"type": "null"}]},
+        "ControlNets kept resident: a catalogue name, a list of names, or {name: local diffusers folder}."),
+    "controlnet_lanes": LaunchOption("controlnet_lanes", _choice(CONTROLNET_LANES), _enum(CONTROLNET_LANES),
+                                     "shared: ControlNet and plain jobs in the same forwards; split: apart (a "
+                                     "benchmark baseline)."),
 }
 
 
@@ -296,7 +321,22 @@ def parse_launch_options(spec: ModelSpec, raw: Mapping[str, object]) -> LaunchOp
         # Only the catalogue default can get here (an explicit request is refused above): drop it quietly.
         kept = tuple(name for name in options.quantize_text_encoder if name != "text_encoder_3")
         options = replace(options, quantize_text_encoder=kept)
+    _check_controlnets(spec, options)
     return options
+
+
+def _check_controlnets(spec: ModelSpec, options: LaunchOptions) -> None:
+    """ControlNets named without a path must be the model's; a name of another model's list says whose it is."""
+    for name, path in options.controlnet:
+        if path is not None or name in spec.controlnets:
+            continue
+        accepted = ", ".join(spec.controlnets) or "none by name (pass {name: local path})"
+        owners = sorted((other for other in CATALOGUE.values() if name in other.controlnets),
+                        key=lambda other: other.family is not spec.family)  # the same family first
+        whose = (f"; {name!r} is a ControlNet of {owners[0].name} ({owners[0].controlnets[name].hub_id}), made for "
+                 f"another denoiser than {spec.name}'s") if owners else ""
+        raise LaunchOptionError(f"launch option 'controlnet': {spec.name} has no ControlNet {name!r}{whose}; "
+                                f"accepted: {accepted}", "controlnet")
 
 
 def _check_text_encoders(spec: ModelSpec, options: LaunchOptions, explicit: tuple[str, ...]) -> None:

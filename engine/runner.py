@@ -14,9 +14,10 @@ from typing import Callable
 
 import torch
 
+from .backends import SPECIFIC_BACKENDS
 from .backends.launch import launch_backend
 from .catalogue import ModelSpec
-from .errors import EngineError, InvalidRequest, QueueFull
+from .errors import EngineError, InvalidRequest, ModelLoadError, QueueFull
 from .execution import Executor
 from .families import make_family
 from .loading import LoadedModel, load_model
@@ -61,6 +62,12 @@ class Runner(ModelWorker):
         `warmup_size` (width, height), by default the model's default size."""
 
         def load() -> None:
+            unsupported = unsupported_backends(self.spec, self.options)
+            if self.options.backend in unsupported:
+                able = [name for name in SPECIFIC_BACKENDS if name not in unsupported]
+                raise ModelLoadError(f"backend {self.options.backend!r} cannot run this launch: "
+                                     f"{unsupported[self.options.backend]}; launch with backend "
+                                     f"{' or '.join(repr(name) for name in able)}")
             self.loaded = load_model(self.spec, self.options, on_progress=self.report_load)
             family = make_family(self.spec.family, self.loaded.pipeline, self.loaded.device, self.loaded.dtype)
             budget = batch_budget(family, self.options.max_batch_size, self.spec.default_size)
@@ -70,7 +77,8 @@ class Runner(ModelWorker):
                 self.options.backend, family, model=self.spec.name, source=self.loaded.source,
                 max_batch_size=budget.max_batch_size,
                 warmup_size=warmup_size or (TINY_LANE if self.options.tiny else self.spec.default_size),
-                cpu_offload=self.options.cpu_offload, unsupported=unsupported_backends(self.parts),
+                cpu_offload=self.options.cpu_offload, unsupported=unsupported,
+                variants=[part.example_inputs for part in self.parts],
             )
             self.executor = Executor(family, budget, self.parts)
 
@@ -85,6 +93,10 @@ class Runner(ModelWorker):
             raise InvalidRequest(f"model {self.uid} ({spec.name}) cannot do {request.mode}; it can: "
                                  f"{', '.join(spec.abilities)}", "model", "ability_not_supported")
         check_request(spec, request, self.limits)
+        missing = sorted(set(request.part_inputs) - {part.name for part in self.parts})
+        if missing:
+            raise InvalidRequest(f"{missing[0]}: model {self.uid} ({spec.name}) was launched without {missing[0]}; "
+                                 f"launch it with the {missing[0]!r} launch option to use it", missing[0])
         for part in self.parts:
             if part.used_by(request):
                 part.check(request)
@@ -131,7 +143,9 @@ class Runner(ModelWorker):
         return self.scheduler.active_count
 
     def describe(self) -> dict:
-        return {**super().describe(), "backend": self.backend_info, "memory_bytes": self.memory_bytes}
+        parts = {key: value for part in self.parts for key, value in part.describe().items()}
+        return {**super().describe(), "backend": self.backend_info, "memory_bytes": self.memory_bytes,
+                "controlnet": None, **parts}
 
     @property
     def memory_bytes(self) -> int | None:

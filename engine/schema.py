@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 
 from .catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE, ModelSpec
 from .coerce import Unparsable, is_none_word, to_bool, to_float, to_int, to_json_object, to_text
+from .controlnet_units import MAX_SCALE, read_numbers, read_units
 from .errors import InvalidRequest
 from .images import FORMATS
 from .requests import MAX_SEED, ImageRequest
@@ -81,6 +82,12 @@ BOOLEAN = Kind(to_bool, {"type": "boolean"})
 TEXT = Kind(to_text, {"type": "string"})
 PROMPT = Kind(_to_prompt, {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]})
 SEED = Kind(_to_seed, {"oneOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}}]})
+NUMBERS = Kind(read_numbers, {"oneOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]})
+CONTROLNET_UNITS = Kind(read_units, {"type": "array", "items": {"type": "object", "properties": {
+    "name": {"type": "string"}, "image": {"type": "string", "contentEncoding": "base64"},
+    "scale": {"type": "number"}, "start": {"type": "number"}, "end": {"type": "number"},
+    "guess_mode": {"type": "boolean"}, "preprocess": {"enum": ["canny"]}, "low": {"type": "integer"},
+    "high": {"type": "integer"}}}})
 
 Bound = float | str | None  # a number, or the name of a Limits field
 
@@ -161,6 +168,15 @@ PARAMETERS: Mapping[str, Parameter] = {p.name: p for p in (
     Parameter("stream", BOOLEAN, "Server-sent events with partial images, OpenAI's streaming form."),
     Parameter("partial_images", INTEGER, "Previews streamed while denoising (with stream).", 0,
               "max_partial_images"),
+    Parameter("controlnet", CONTROLNET_UNITS, "ControlNet units [{name, image (base64, or multipart files "
+              "control_image), scale, start, end, guess_mode, preprocess: canny, low, high}].", part="controlnet"),
+    Parameter("controlnet_conditioning_scale", NUMBERS, "diffusers' ControlNet scale (one, or one per unit).", 0,
+              MAX_SCALE, part="controlnet"),
+    Parameter("control_guidance_start", NUMBERS, "Fraction of the steps where ControlNet starts (one, or one per "
+              "unit).", 0, 1, part="controlnet"),
+    Parameter("control_guidance_end", NUMBERS, "Fraction of the steps where ControlNet stops (one, or one per unit).",
+              0, 1, part="controlnet"),
+    Parameter("guess_mode", BOOLEAN, "diffusers' ControlNet guess mode (SD, SDXL).", part="controlnet"),
 )}
 
 
@@ -260,6 +276,7 @@ def parse_image_request(
     part_inputs: dict[str, dict[str, Any]] = {}
     for name, value in p.items():
         if PARAMETERS[name].part is not None:
+            PARAMETERS[name].check(value, spec, limits)
             part_inputs.setdefault(PARAMETERS[name].part, {})[name] = value
     request = ImageRequest(
         prompt=p.get("prompt", ""), width=p.get("width", width), height=p.get("height", height),

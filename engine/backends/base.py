@@ -33,10 +33,15 @@ class Backend:
         self.denoiser = denoiser
         self.input_names: tuple[str, ...] = tuple(denoiser.input_names)
         self.shared_inputs: frozenset[str] = frozenset(denoiser.shared_inputs)
+        self.control_inputs: tuple[str, ...] = tuple(denoiser.control_inputs)
         self.warmup_seconds: float | None = None  # set by warmup()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.forward(*inputs)
+
+    def names(self, inputs: Sequence[torch.Tensor]) -> tuple[str, ...]:
+        """The names of a call's inputs: `input_names`, then the ControlNet additions when the call has them."""
+        return self.input_names if len(inputs) == len(self.input_names) else self.input_names + self.control_inputs
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -116,14 +121,17 @@ def pad_rows(inputs: Sequence[torch.Tensor], names: Sequence[str], shared: froze
     """Each batched input grown to `rows` by repeating its last row; shared inputs as they are.
 
     Repeating a real row (rather than zeros) keeps the padding rows in the numeric range the model expects, and
-    since no denoiser mixes rows, the real rows' outputs do not depend on them."""
-    padded = []
+    since no denoiser mixes rows, the real rows' outputs do not depend on them. An input given several times (the
+    ControlNet additions of blocks that share one) is padded once and stays one tensor."""
+    padded, done = [], {}
     for name, tensor in zip(names, inputs):
         missing = rows - tensor.shape[0]
         if name in shared or missing <= 0:
             padded.append(tensor)
         else:
-            padded.append(torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])]))
+            if id(tensor) not in done:
+                done[id(tensor)] = torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
+            padded.append(done[id(tensor)])
     return padded
 
 

@@ -74,7 +74,7 @@ class CompileBackend(Backend):
         self._pool = None  # the memory pool all graphs share (they never run at once)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        names, shared = self.input_names, self.shared_inputs
+        names, shared = self.names(inputs), self.shared_inputs
         rows = batch_rows(inputs, names, shared)
         largest = self.buckets[-1]
         if rows > largest:  # more rows than max_rows: run in bucket-sized pieces

@@ -8,7 +8,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
 
 from kiln.kernels import attention
 
@@ -153,10 +155,12 @@ def _build_engine_now(family, model, source, cache, sizes, rows):
 
 def launch_backend(requested: str, family: Any, *, model: str, source: str | None,
                    max_batch_size: int, warmup_size: tuple[int, int], cpu_offload: bool = False,
-                   cache: Any = None, unsupported: Mapping[str, str] | None = None) -> dict[str, Any]:
+                   cache: Any = None, unsupported: Mapping[str, str] | None = None,
+                   variants: Sequence[Callable[[dict, int, int], list[dict]]] = ()) -> dict[str, Any]:
     """What the runner calls after loading: make the backend (auto: the fastest of those this launch can use,
     measured here or remembered), put it in place of `family.denoiser`, warm it up at `warmup_size` (compile:
-    every bucket), and return its description (backend, warm-up seconds, what auto measured, ...).
+    every bucket; and every input variant the parts' `variants` give, such as ControlNet additions), and return
+    its description (backend, warm-up seconds, what auto measured, ...).
 
     `unsupported` maps backend names to why this launch cannot use them (per-row LoRA, ControlNet, ...): auto
     skips them, and asking for one fails with BackendUnavailable naming a backend that can."""
@@ -182,6 +186,16 @@ def launch_backend(requested: str, family: Any, *, model: str, source: str | Non
     seconds = backend.warmup_seconds
     if seconds is None:
         seconds = backend.warmup(examples, rows)
+    if variants:
+        started = time.perf_counter()
+        with torch.no_grad():
+            for bucket in backend.warmup_rows(rows):
+                named = examples.named(bucket)
+                for variant in variants:
+                    for inputs in variant(named, *warmup_size):
+                        family.forward(inputs)
+        seconds += time.perf_counter() - started
+        backend.warmup_seconds = seconds
     info = {**backend.describe(), "requested": requested, "prepare_seconds": round(prepared, 3),
             "warmup_seconds": round(seconds, 3), "warmup_size": f"{warmup_size[0]}x{warmup_size[1]}",
             "attention": getattr(backend.denoiser.model, "_kiln_attention", None)}
@@ -190,3 +204,4 @@ def launch_backend(requested: str, family: Any, *, model: str, source: str | Non
     log.info("model %s: backend %s ready (prepare %.1f s, warm-up %.1f s at %s)", model, backend.name, prepared,
              seconds, info["warmup_size"])
     return info
+

@@ -9,7 +9,7 @@ import path and imported only when a model is loaded (`kiln.engine.families.make
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
@@ -33,6 +33,9 @@ class FamilySpec:
     denoiser: str  # the pipeline component that denoises: its weights folder
     adapter: str  # "module:Class" of the torch adapter, relative to this package
     max_sequence_length: int | None = None  # T5 tokens, fixed so that the text shape never splits a lane
+    controlnet: str = ""  # the diffusers ControlNet model class that fits the denoiser
+    # ability -> diffusers' ControlNet pipeline class: what Kiln's ControlNet images are checked against.
+    controlnet_pipelines: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def rows_per_job(self) -> int:
@@ -45,6 +48,7 @@ class FamilySpec:
         return self.pipelines[TEXT2IMAGE]
 
 
+
 def _pipelines(text2image: str, image2image: str, inpainting: str) -> Mapping[str, str]:
     return MappingProxyType({TEXT2IMAGE: text2image, IMAGE2IMAGE: image2image, INPAINTING: inpainting})
 
@@ -53,26 +57,35 @@ SD = FamilySpec(
     name="sd", stride=8, flow=False, cfg=True,
     pipelines=_pipelines("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
                          "StableDiffusionInpaintPipeline"),
-    text_encoders=("text_encoder",), denoiser="unet", adapter="sd:SDFamily",
+    text_encoders=("text_encoder",), denoiser="unet", adapter="sd:SDFamily", controlnet="ControlNetModel",
+    controlnet_pipelines=_pipelines("StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+                                    "StableDiffusionControlNetInpaintPipeline"),
 )
 SDXL = FamilySpec(
     name="sdxl", stride=8, flow=False, cfg=True,
     pipelines=_pipelines("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                          "StableDiffusionXLInpaintPipeline"),
     text_encoders=("text_encoder", "text_encoder_2"), denoiser="unet", adapter="sdxl:SDXLFamily",
+    controlnet="ControlNetModel",
+    controlnet_pipelines=_pipelines("StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
+                                    "StableDiffusionXLControlNetInpaintPipeline"),
 )
 SD3 = FamilySpec(
     name="sd3", stride=16, flow=True, cfg=True,
     pipelines=_pipelines("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                          "StableDiffusion3InpaintPipeline"),
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"), denoiser="transformer",
-    adapter="sd3:SD3Family", max_sequence_length=256,
+    adapter="sd3:SD3Family", max_sequence_length=256, controlnet="SD3ControlNetModel",
+    # diffusers' SD3 ControlNet inpainting pipeline is for inpainting ControlNets (mask as extra channels).
+    controlnet_pipelines=MappingProxyType({TEXT2IMAGE: "StableDiffusion3ControlNetPipeline"}),
 )
 FLUX = FamilySpec(
     name="flux", stride=16, flow=True, cfg=False,
     pipelines=_pipelines("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
     text_encoders=("text_encoder", "text_encoder_2"), denoiser="transformer", adapter="flux:FluxFamily",
-    max_sequence_length=512,
+    max_sequence_length=512, controlnet="FluxControlNetModel",
+    controlnet_pipelines=_pipelines("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline",
+                                    "FluxControlNetInpaintPipeline"),
 )
 
 FAMILY_SPECS: Mapping[str, FamilySpec] = MappingProxyType({spec.name: spec for spec in (SD, SDXL, SD3, FLUX)})

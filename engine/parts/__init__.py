@@ -13,9 +13,12 @@ scheduler thread, for the jobs that use it (`used_by`), in the order of `PART_TY
                            default start noise is drawn (a part that sets `state.latents` provides the start)
     before_forward(batch)  before each batched denoiser forward: add or change the named inputs of its rows
     after_step(state)      after each of the job's sampler steps: transform its latents
+    example_inputs(...)    at launch: forward inputs with the part's additions, for the backend's warm-up
+    describe()             what the model's description shows of the part
 
 `backends` names the backends that can run the part (None: all); a launch whose parts some backend cannot run
-never gets that backend. Adding a feature is a new module here plus an entry in `PART_TYPES`.
+never gets that backend (`unsupported_backends`). A request whose `part_inputs` name a part the model was not
+launched with is refused. Adding a feature is a new module here plus an entry in `PART_TYPES`.
 """
 
 from __future__ import annotations
@@ -24,27 +27,28 @@ from typing import Any
 
 from ..backends import SPECIFIC_BACKENDS
 from .base import Part
+from .controlnet import ControlNet
 from .init_image import InitImage
 from .inpaint import InpaintBlend
 
-# Every part type, in hook order: the inpainting blend builds on the image-to-image start.
-PART_TYPES: tuple[type[Part], ...] = (InitImage, InpaintBlend)
+# Every part type, in hook order: ControlNet first (FLUX's control images take the job's generator before the
+# image-to-image start does, as in diffusers), and the inpainting blend builds on the image-to-image start.
+PART_TYPES: tuple[type[Part], ...] = (ControlNet, InitImage, InpaintBlend)
 
 __all__ = ["PART_TYPES", "Part", "make_parts", "unsupported_backends"]
 
 
 def make_parts(spec: Any, options: Any, family: Any) -> list[Part]:
     """The parts a launched model can use, one instance each, in hook order."""
-    return [part_type(family, options) for part_type in PART_TYPES if part_type.enabled(spec, options)]
+    return [part_type(family, options, spec=spec) for part_type in PART_TYPES if part_type.enabled(spec, options)]
 
 
-def unsupported_backends(parts: list[Part]) -> dict[str, str]:
-    """Backend name -> why a launch with these parts cannot use it (what `backend: auto` skips and an explicit
-    backend is refused for)."""
-    refused: dict[str, str] = {}
-    for part in parts:
-        if part.backends is not None:
-            for name in SPECIFIC_BACKENDS:
-                if name not in part.backends:
-                    refused.setdefault(name, f"{part.name} runs on {' and '.join(sorted(part.backends))} only")
-    return refused
+def unsupported_backends(spec: Any, options: Any) -> dict[str, str]:
+    """backend -> why it cannot run this launch's parts (torch-light: from the part types, before loading)."""
+    reasons: dict[str, str] = {}
+    for part_type in PART_TYPES:
+        if part_type.backends is not None and part_type.enabled(spec, options):
+            for backend in SPECIFIC_BACKENDS:
+                if backend not in part_type.backends:
+                    reasons.setdefault(backend, f"{part_type.name} runs on {' or '.join(sorted(part_type.backends))}")
+    return reasons

@@ -16,9 +16,10 @@ class Part:
     name = ""
     backends: frozenset[str] | None = None
 
-    def __init__(self, family: Any, options: Any):
+    def __init__(self, family: Any, options: Any, spec: Any = None):
         self.family = family
         self.options = options
+        self.spec = spec  # the launched model's catalogue entry
 
     @classmethod
     def enabled(cls, spec: Any, options: Any) -> bool:
@@ -49,3 +50,11 @@ class Part:
 
     def after_step(self, state: "JobState") -> None:
         """Called after each sampler step of a job using this part."""
+
+    def example_inputs(self, inputs: dict, width: int, height: int) -> list[dict]:
+        """Forward inputs with what this part adds (none by default): the graph variants a backend warms up."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready facts for the model's description (GET /v1/models/{uid})."""
+        return {}

@@ -286,6 +286,28 @@ def test_ocr_models_run_as_replicas_too(front) -> None:
     assert front.delete("/v1/models/ocr").status_code == 200
 
 
+def test_controlnet_units_reach_the_replica(front) -> None:
+    """A ControlNet unit (its control image decoded by the front) runs on the replica: the same request gives
+    the same image twice, and a different one than without the unit."""
+    launch = {"model_name": "stable-diffusion-v1.5", "model_uid": "cn", "tiny": True, "controlnet": "canny",
+              "replica": 1}
+    assert front.post("/v1/models", json=launch).status_code == 200
+    edges = Image.new("RGB", (64, 64))
+    edges.paste((255, 255, 255), (20, 0, 24, 64))
+    buffer = io.BytesIO()
+    edges.save(buffer, format="PNG")
+    unit = {"name": "canny", "image": base64.b64encode(buffer.getvalue()).decode()}
+    fields = {"num_inference_steps": 3, "guidance_scale": 4.0, "seed": 5}
+    with_unit = [generate(front, "cn", controlnet=[unit], **fields) for _ in range(2)]
+    assert [r.status_code for r in with_unit] == [200, 200], with_unit[0].text
+    plain = generate(front, "cn", controlnet=[], **fields)
+    assert plain.status_code == 200, plain.text
+    first, second = (image_of(r.json()["data"][0]) for r in with_unit)
+    assert same_image(first, second)
+    assert not same_image(first, image_of(plain.json()["data"][0]))
+    assert front.delete("/v1/models/cn").status_code == 200
+
+
 def test_terminate_removes_every_replica(front, pair, spread) -> None:
     pids = {r["pid"] for uid in (pair, spread) for r in replicas(front, uid)}
     for uid in (pair, spread):
