@@ -309,7 +309,7 @@ def check_request(spec: ModelSpec, request: ImageRequest, limits: Limits) -> Non
             PARAMETERS[name].check(value, spec, limits)
     _check_prompts(request, limits)
     _check_size(spec, request.width, request.height)
-    _check_strength(request)
+    _check_strength(spec, request)
     if request.request_id is not None and not 0 < len(request.request_id) <= limits.max_request_id_chars:
         raise InvalidRequest(f"request_id must be 1 to {limits.max_request_id_chars} characters", "request_id")
 
@@ -336,15 +336,21 @@ def _check_size(spec: ModelSpec, width: int, height: int) -> None:
             )
 
 
-def _check_strength(request: ImageRequest) -> None:
-    """Image-to-image and inpainting run steps x strength steps: at least one."""
+def strength_of(request: ImageRequest) -> float:
+    """The strength an image-to-image or inpainting request runs at: its own, else the mode's default."""
+    return request.strength if request.strength is not None else DEFAULT_STRENGTH[request.mode]
+
+
+def _check_strength(spec: ModelSpec, request: ImageRequest) -> None:
+    """Image-to-image and inpainting run the steps the strength keeps (rounded as the family does): at least one."""
     if request.mode not in DEFAULT_STRENGTH:
         return
-    strength = request.strength if request.strength is not None else DEFAULT_STRENGTH[request.mode]
-    if int(request.steps * strength) < 1:
+    strength = strength_of(request)
+    if spec.family.steps_kept(request.steps, strength) < 1:
         raise InvalidRequest(
             f"num_inference_steps {request.steps} with strength {strength} runs no denoising step "
-            f"(steps x strength must be at least 1); raise num_inference_steps or strength", "num_inference_steps",
+            f"(steps x strength must reach at least one step); raise num_inference_steps or strength",
+            "num_inference_steps",
         )
 
 

@@ -47,6 +47,13 @@ class FamilySpec:
         """The pipeline class a checkpoint of this family holds."""
         return self.pipelines[TEXT2IMAGE]
 
+    def steps_kept(self, steps: int, strength: float) -> int:
+        """How many of `steps` an image-to-image or inpainting job runs at `strength`, rounded as the family's
+        diffusers pipelines round: UNet pipelines keep int(steps x strength), flow-matching ones (SD3, FLUX) skip
+        int(steps - steps x strength), which keeps one more step whenever steps x strength is not whole."""
+        if self.flow:
+            return steps - int(max(steps - min(steps * strength, steps), 0))
+        return min(int(steps * strength), steps)
 
 
 def _pipelines(text2image: str, image2image: str, inpainting: str) -> Mapping[str, str]:
