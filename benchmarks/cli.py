@@ -11,11 +11,11 @@ from dataclasses import replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEM_NAMES = ("kiln", "sequential", "static", "limit")
+SYSTEM_NAMES = ("kiln", "sequential", "static", "limit")  # and kiln+idle, with --idle-neighbours
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .scenarios import DEFAULT_SCENARIO_FILE
+    from .scenarios import DEFAULT_SCENARIO_FILE, SCENARIO_DIR
 
     parser.add_argument("--scenario", type=Path, default=DEFAULT_SCENARIO_FILE, metavar="FILE",
                         help="scenario file, TOML or JSON (default: benchmarks/scenarios/default.toml)")
@@ -38,12 +38,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="launch option device (default: auto)")
     parser.add_argument("--torch-dtype", choices=["float32", "float16", "bfloat16"],
                         help="launch option torch_dtype (default: the model's)")
+    parser.add_argument("--backend", help="Kiln's launch option backend (default: auto); the baselines run diffusers")
+    parser.add_argument("--idle-neighbours", nargs="+", default=[], metavar="MODEL",
+                        help="also run Kiln as system kiln+idle, with these models launched beside the measured ones "
+                             "and left idle ('all': what kiln serve --demo loads); ratio kiln+idle/kiln")
     parser.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up requests")
     parser.add_argument("--no-memory-check", action="store_true",
                         help="skip the `kiln serve --demo` memory check")
     parser.add_argument("--wait-quiet", type=float, metavar="LOAD",
                         help="first wait (up to 10 minutes) for the 1-minute load average to drop below LOAD")
-    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json", help="the JSON report")
+    parser.add_argument("--soak", type=Path, nargs="?", const=SCENARIO_DIR / "soak.toml", metavar="FILE",
+                        help="run the memory soak instead (launch, generate, terminate, repeat; RSS per cycle) "
+                        "from a soak file (default: benchmarks/scenarios/soak.toml)")
+    parser.add_argument("--soak-minutes", type=float, metavar="MINUTES", help="override the soak file's minutes")
+    parser.add_argument("--output", type=Path, help="the JSON report (default: benchmarks/results/latest.json; "
+                        "soak.json for --soak)")
     parser.add_argument("--plot", type=Path, help="the PNG plot (default: the report's path with .png)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--logs", type=Path, help="server and worker logs (default: beside the report, logs/)")
@@ -63,8 +72,37 @@ def _scaled(scenario, scale: float, concurrency: list[int] | None):
     return replace(scenario, **changes)
 
 
+def run_soak_command(args: argparse.Namespace) -> int:
+    """`--soak`: the memory soak's report, with the RSS per cycle printed as it runs."""
+    from .report import write_json
+    from .scenarios import ScenarioError
+    from .soak import load_soak_file, run_soak
+    from .systems import BenchError
+
+    try:
+        soak = load_soak_file(args.soak)
+    except ScenarioError as error:
+        print(f"kiln bench: {error}", file=sys.stderr)
+        return 2
+    if args.soak_minutes is not None:
+        soak = replace(soak, minutes=args.soak_minutes)
+    output = args.output or RESULTS / "soak.json"
+    try:
+        report = run_soak(soak, args.threads, args.logs or output.parent / "logs",
+                          log=lambda line: print(line, file=sys.stderr, flush=True))
+    except BenchError as error:
+        print(f"kiln bench: {error}", file=sys.stderr)
+        return 1
+    write_json(report, output)
+    print(f"report: {output}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a benchmark from parsed arguments; prints a summary and where the report went."""
+    if args.soak is not None:
+        return run_soak_command(args)
+    args.output = args.output or RESULTS / "latest.json"
     from .harness import Settings, run_benchmark
     from .machine import wait_for_quiet
     from .report import plot, summary_lines, write_json
@@ -87,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings(
         threads=args.threads, max_batch_size=args.max_batch_size, static_wait_s=args.static_wait,
         systems=tuple(args.systems), reference_size=args.reference_size, device=args.device,
-        torch_dtype=args.torch_dtype, warmup=not args.no_warmup, rounds=max(1, args.rounds), memory_check=not args.no_memory_check,
+        torch_dtype=args.torch_dtype, backend=args.backend, warmup=not args.no_warmup, idle_neighbours=tuple(args.idle_neighbours), rounds=max(1, args.rounds), memory_check=not args.no_memory_check,
         logs=args.logs or args.output.parent / "logs",
     )
     try:

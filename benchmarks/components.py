@@ -89,8 +89,12 @@ class Components:
         return statistics.median(times)
 
 
-def load_components(model: str, options: Mapping[str, Any]) -> Components:
-    """Load a catalogue model as the server would (same launch options) and wrap its family adapter."""
+def load_components(model: str, options: Mapping[str, Any], backend: str | None = None,
+                    max_batch_size: int = 16) -> Components:
+    """Load a catalogue model as the server would (same launch options) and wrap its family adapter; with
+    `backend` (what the Kiln server ran, e.g. "onnx") the denoiser runs on it, as in the server (the baselines
+    keep the plain pipeline)."""
+    from kiln.engine.backends.launch import launch_backend
     from kiln.engine.catalogue import get_spec
     from kiln.engine.families import make_family
     from kiln.engine.loading import load_model
@@ -98,7 +102,11 @@ def load_components(model: str, options: Mapping[str, Any]) -> Components:
 
     spec = get_spec(model)
     loaded = load_model(spec, parse_launch_options(spec, dict(options)))
-    return Components(make_family(spec.family, loaded.pipeline, loaded.device, loaded.dtype))
+    family = make_family(spec.family, loaded.pipeline, loaded.device, loaded.dtype)
+    if backend is not None:
+        launch_backend(backend, family, model=spec.name, source=loaded.source, max_batch_size=max_batch_size,
+                       warmup_size=(64, 64) if options.get("tiny") else spec.default_size)
+    return Components(family)
 
 
 def work_from_records(records: Mapping[str, Any]) -> Counter:

@@ -21,7 +21,7 @@ from .machine import REPO, cpu_seconds, load_average, machine_facts
 from .scenarios import Plan, Scenario, plan as draw_plans, same_mix
 from .systems import BenchError, KilnHttp, run_worker
 
-SYSTEMS = ("kiln", "sequential", "static", "limit")
+SYSTEMS = ("kiln", "kiln+idle", "sequential", "static", "limit")
 Log = Callable[[str], None]
 
 
@@ -35,11 +35,15 @@ class Settings:
     reference_size: bool = False  # real-size random-weight models (engine.tiny.build_reference), for GPUs
     device: str = "auto"
     torch_dtype: str | None = None
+    backend: str | None = None  # Kiln's launch option `backend` (None: its default, auto); baselines are diffusers
     warmup: bool = True
     rounds: int = 1  # each system runs every plan this many times, alternating systems; figures pool the rounds
     memory_check: bool = True
     memory_check_requests: int = 64
     memory_check_concurrency: int = 16
+    # Models launched idle beside the measured ones on a second Kiln server, the system "kiln+idle": what an
+    # unused neighbour costs (nothing, since engine/openmp.py). Empty: that system does not run.
+    idle_neighbours: tuple[str, ...] = ()
     logs: Path = field(default_factory=lambda: REPO / "benchmarks" / "results" / "logs")
 
 
@@ -49,6 +53,8 @@ def model_options(settings: Settings, model: str, log: Log) -> dict[str, Any]:
     options: dict[str, Any] = {"device": settings.device}
     if settings.torch_dtype:
         options["torch_dtype"] = settings.torch_dtype
+    if settings.backend:
+        options["backend"] = settings.backend
     if not settings.reference_size:
         options["tiny"] = True
         return options
@@ -87,9 +93,9 @@ def _merge_records(runs: list[dict[str, Any]]) -> dict[str, dict[str, list]]:
     for run in runs:
         for model, records in run["stats"]["models"].items():
             target = merged.setdefault(model, {key: [] for key in ("steps", "admits", "encodes", "forwards",
-                                                                   "decodes")})
+                                                                   "decodes", "parts")})
             for key in target:
-                target[key] += records[key]
+                target[key] += records.get(key, [])
     return merged
 
 
@@ -140,7 +146,18 @@ def _kiln_figures(runs: list[dict[str, Any]], max_batch_size: int) -> dict[str, 
     jobs = [row[4] for row in steps]
     rows = [row[2] for row in forwards]
     step_seconds = [row[1] for row in steps]
+    parts: dict[str, dict[str, Any]] = {}
+    for name, _, _, using, seconds in (row for records in merged.values() for row in records["parts"]):
+        part = parts.setdefault(name, {"forwards": 0, "rows": 0, "seconds": 0.0})
+        part["forwards"] += 1
+        part["rows"] += using
+        part["seconds"] += seconds
+    for part in parts.values():  # per forward that had rows using the part (ControlNet: its sub-forwards)
+        part["mean_rows"] = part["rows"] / part["forwards"]
+        part["mean_seconds"] = part["seconds"] / part["forwards"]
     return {
+        "parts": parts,
+        "forward_s": percentiles([row[3] for row in forwards]),
         "batches": {
             "steps": len(steps),
             "forwards": len(forwards),
@@ -165,59 +182,88 @@ def _kiln_figures(runs: list[dict[str, Any]], max_batch_size: int) -> dict[str, 
     }
 
 
-def kiln_launches(scenarios: list[Scenario], models: dict[str, dict]) -> dict[str, tuple[str, dict]]:
-    """Kiln's model uids -> (catalogue name, launch options): a uid's options from the scenario file's `launch`
-    table over the model's, with its LoRAs as a peft_model_config: `tiny_loras = [names]` (the tests' tiny
-    LoRAs) and `loras = {name = {rank, alpha, denoiser = [layer names], text}}` (made with peft on the tiny
-    checkpoint, engine.tiny.write_lora, kept in $KILN_CACHE/bench-loras)."""
+def with_lora_files(scenario: Scenario) -> Scenario:
+    """The scenario with the LoRAs of its `launch` table as a peft_model_config: `tiny_loras = [names]` (the
+    tests' tiny LoRAs) and `loras = {name = {rank, alpha, denoiser = [layer names], text}}` (made with peft on
+    the tiny checkpoint by engine.tiny.write_lora, kept in $KILN_CACHE/bench-loras). LoRA files fit one model,
+    so such a scenario has one."""
+    launch = dict(scenario.launch)
+    if "loras" not in launch and "tiny_loras" not in launch:
+        return scenario
+    models = {item.model for item in scenario.mix}
+    if len(models) != 1:
+        raise BenchError(f"scenario {scenario.name}: loras in its launch table need one model, got {sorted(models)}")
     import hashlib
     import json
     import os
 
     from kiln.engine.tiny import LoraRecipe, tiny_checkpoint, tiny_loras, write_lora
 
-    launches: dict[str, tuple[str, dict]] = {}
-    for scenario in scenarios:
-        for item in scenario.mix:
-            uid = item.uid or item.model
-            if uid in launches:
-                continue
-            extra = dict(scenario.launch.get(uid, {}))
-            listed = []
-            for name in extra.pop("tiny_loras", []):
-                listed.append({"lora_name": name, "local_path": str(tiny_loras(item.model) / f"{name}.safetensors")})
-            for name, recipe in extra.pop("loras", {}).items():
-                digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-                folder = Path(os.environ.get("KILN_CACHE", REPO / ".kiln-cache")) / "bench-loras" / item.model / digest
-                path = folder / f"{name}.safetensors"
-                if not path.is_file():
-                    fields = {**recipe, "denoiser": tuple(recipe["denoiser"]) if "denoiser" in recipe else None}
-                    write_lora(item.model, tiny_checkpoint(item.model), name, LoraRecipe(**fields), folder)
-                listed.append({"lora_name": name, "local_path": str(path)})
-            if listed:
-                extra["peft_model_config"] = {"lora_list": listed}
-            launches[uid] = (item.model, {**models[item.model], **extra})
-    return launches
+    model = models.pop()
+    listed = [{"lora_name": name, "local_path": str(tiny_loras(model) / f"{name}.safetensors")}
+              for name in launch.pop("tiny_loras", [])]
+    for name, recipe in launch.pop("loras", {}).items():
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+        folder = Path(os.environ.get("KILN_CACHE", REPO / ".kiln-cache")) / "bench-loras" / model / digest
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            fields = {**recipe, "denoiser": tuple(recipe["denoiser"]) if "denoiser" in recipe else None}
+            write_lora(model, tiny_checkpoint(model), name, LoraRecipe(**fields), folder)
+        listed.append({"lora_name": name, "local_path": str(path)})
+    return replace(scenario, launch={**launch, "peft_model_config": {"lora_list": listed}})
 
 
-def run_kiln(settings: Settings, scenarios: list[Scenario], plans: list[Plan] | None,
-             launches: dict[str, tuple[str, dict]], log: Log) -> tuple[list[Plan], dict[str, dict], dict[str, Any]]:
-    """One round of every plan on a fresh Kiln server. Without `plans` (the first round) the scenarios are
-    planned here, open loops with `load` at that fraction of the capacity just measured. Returns the plans, per
-    plan the raw run, and facts about the server."""
-    kiln = KilnHttp(settings.threads, settings.logs / "kiln-server.log")
+def idle_neighbours(names: list[str], measured: list[str]) -> tuple[str, ...]:
+    """`--idle-neighbours` names; "all" stands for what `kiln serve --demo` loads besides the measured models."""
+    from kiln.engine.catalogue import CATALOGUE, DEFAULT_OCR_MODEL
+
+    if names == ["all"]:
+        names = [*CATALOGUE, DEFAULT_OCR_MODEL]
+    return tuple(name for name in dict.fromkeys(names) if name not in measured)
+
+
+def neighbour_options(name: str, settings: Settings) -> dict[str, Any]:
+    from kiln.engine.catalogue import CATALOGUE
+
+    return {"tiny": True, "device": settings.device} if name in CATALOGUE else {}  # OCR: its shipped weights
+
+
+def run_kiln(settings: Settings, scenarios: list[Scenario], plans: list[Plan] | None, models: dict[str, dict],
+             log: Log, neighbours: tuple[str, ...] = ()) -> tuple[list[Plan], dict[str, dict], dict[str, Any]]:
+    """One round of every plan on a fresh Kiln server (with `neighbours` launched and left idle). Without `plans`
+    (the first round) the scenarios are planned here, open loops with `load` at that fraction of the capacity
+    just measured. Returns the plans, per plan the raw run, and facts about the server."""
+    name = "kiln+idle" if neighbours else "kiln"
+    kiln = KilnHttp(settings.threads, settings.logs / f"{name}-server.log")
     runs: dict[str, dict] = {}
-    notes: dict[str, Any] = {"pid": kiln.pid}
+    notes: dict[str, Any] = {"pid": kiln.pid, "idle_neighbours": list(neighbours)}
     try:
         started = time.monotonic()
-        for uid, (model, options) in launches.items():
-            kiln.launch(model, {**options, "max_batch_size": settings.max_batch_size,
-                                "max_queue_size": settings.max_queue_size}, uid=uid)
+        launched: dict[str, dict] = {}
+
+        def launch(extra: dict[str, Any]) -> bool:
+            """Every model launched with a plan's extra options (relaunched where they changed); whether any was."""
+            changed = False
+            for model, options in models.items():
+                wanted = {**options, "max_batch_size": settings.max_batch_size,
+                          "max_queue_size": settings.max_queue_size, **extra}
+                if launched.get(model) != wanted:
+                    kiln.launch(model, wanted)
+                    launched[model], changed = wanted, True
+            return changed
+
+        launch({})
+        for model in neighbours:
+            kiln.launch(model, neighbour_options(model, settings))
+        notes["backends"] = {model: kiln.describe(model).get("backend") for model in models}
         notes["load_seconds"] = time.monotonic() - started
         notes["memory_after_load"] = kiln.memory()
 
         def measure(plan: Plan) -> dict[str, Any]:
-            log(f"kiln: {plan.name} ({len(plan.requests)} requests)")
+            if launch(plan.launch) and settings.warmup:
+                for warm in warmup_plans([plan], settings.max_batch_size):
+                    run_plan(warm, kiln)
+            log(f"{name}: {plan.name} ({len(plan.requests)} requests)")
             kiln.stats(reset=True)
             before = load_average()
             cpu_server, cpu_client = cpu_seconds(kiln.pid), cpu_seconds()
@@ -296,7 +342,8 @@ def finalize(system: str, runs: list[dict[str, Any]], settings: Settings) -> dic
     """One system's figures on one plan, over its rounds."""
     from .baselines import batch_summary
 
-    kiln_figures = _kiln_figures(runs, settings.max_batch_size) if system == "kiln" else {}  # sets first steps
+    is_kiln = system.startswith("kiln")
+    kiln_figures = _kiln_figures(runs, settings.max_batch_size) if is_kiln else {}  # sets first steps
     summary = summarize([_run_pair(run) for run in runs])
     cpu = sum(run["cpu_s"] for run in runs)
     figures = {
@@ -312,7 +359,7 @@ def finalize(system: str, runs: list[dict[str, Any]], settings: Settings) -> dic
                if key.startswith("gpu_peak")},
         },
     }
-    if system == "kiln":
+    if is_kiln:
         figures["client_cpu_s"] = sum(run["client_cpu_s"] for run in runs)
         figures.update(kiln_figures)
     else:
@@ -322,8 +369,9 @@ def finalize(system: str, runs: list[dict[str, Any]], settings: Settings) -> dic
 
 
 def run_limit(settings: Settings, plans: list[Plan], kiln_runs: dict[str, list[dict]], kiln: dict[str, dict],
-              models: dict[str, dict], log: Log) -> dict[str, dict]:
-    """Time every component shape Kiln ran, in isolation; per plan, images / (work at those times)."""
+              models: dict[str, dict], backends: dict[str, Any], log: Log) -> dict[str, dict]:
+    """Time every component shape Kiln ran, in isolation, with the backends Kiln ran (`backends`: per model its
+    described backend); per plan, images / (work at those times)."""
     records = {name: _merge_records(runs) for name, runs in kiln_runs.items()}
     shapes: dict[str, set] = {}
     for plan in plans:
@@ -331,6 +379,8 @@ def run_limit(settings: Settings, plans: list[Plan], kiln_runs: dict[str, list[d
             shapes.setdefault(model, set()).update(work_from_records(model_records))
     log(f"limit: timing {sum(len(s) for s in shapes.values())} component shapes")
     job = {"system": "limit", "threads": settings.threads, "models": {m: models[m] for m in shapes},
+           "max_batch_size": settings.max_batch_size,
+           "backends": {m: (backends.get(m) or {}).get("backend", "eager") for m in shapes},
            "work": {model: sorted(shape_key(s) for s in found) for model, found in shapes.items()}}
     raw = run_worker(job, settings.threads, settings.logs / "limit.log")
     times = {model: {parse_shape_key(key): value for key, value in found.items()}
@@ -425,23 +475,32 @@ def run_benchmark(scenarios: list[Scenario], settings: Settings, log: Log = prin
         for item in scenario.mix:
             if item.model not in models:
                 models[item.model] = model_options(settings, item.model, log)
-            if (item.uid or item.lora) and set(settings.systems) - {"kiln"}:
-                raise BenchError(f"scenario {scenario.name} sends requests to launched uids or with LoRAs, which only "
-                                 "Kiln serves: run it with --systems kiln")
-    launches = kiln_launches(scenarios, models)
+            if item.controlnet:
+                if set(settings.systems) - {"kiln"}:
+                    raise BenchError("ControlNet requests run on kiln only (the baselines are plain pipelines): "
+                                     "run this scenario file with --systems kiln")
+                names = models[item.model].setdefault("controlnet", [])
+                if item.controlnet not in names:
+                    names.append(item.controlnet)
+            if item.lora and set(settings.systems) - {"kiln"}:
+                raise BenchError("LoRA requests run on kiln only (the baselines are plain pipelines): run this "
+                                 "scenario file with --systems kiln")
+    scenarios = [with_lora_files(scenario) for scenario in scenarios]
 
     plans: list[Plan] | None = None if "kiln" in settings.systems else [p for s in scenarios for p in draw_plans(s)]
-    raw: dict[str, dict[str, list[dict]]] = {system: {} for system in settings.systems if system != "limit"}
+    neighbours = idle_neighbours(list(settings.idle_neighbours), list(models))
+    measured = [s for s in ("kiln", "kiln+idle", "sequential", "static") if s in settings.systems or
+                (s == "kiln+idle" and neighbours)]
+    raw: dict[str, dict[str, list[dict]]] = {system: {} for system in measured}
     facts_by_system: dict[str, Any] = {}
     for round_index in range(settings.rounds):
         if settings.rounds > 1:
             log(f"round {round_index + 1} of {settings.rounds}")
-        for system in ("kiln", "sequential", "static"):
-            if system not in settings.systems:
-                continue
-            if system == "kiln":
-                plans, runs, notes = run_kiln(settings, scenarios, plans, launches, log)
-                facts_by_system.setdefault("kiln", []).append(notes)
+        for system in measured:
+            if system.startswith("kiln"):
+                plans, runs, notes = run_kiln(settings, scenarios, plans, models, log,
+                                              neighbours if system == "kiln+idle" else ())
+                facts_by_system.setdefault(system, []).append(notes)
             else:
                 runs, loaded = run_baseline(system, settings, plans, models, log)
                 facts_by_system.setdefault(system, []).append(loaded)
@@ -453,7 +512,8 @@ def run_benchmark(scenarios: list[Scenario], settings: Settings, log: Log = prin
         for system, by_plan in raw.items()
     }
     if "limit" in settings.systems:
-        systems["limit"] = run_limit(settings, plans, raw["kiln"], systems["kiln"], models, log)
+        systems["limit"] = run_limit(settings, plans, raw["kiln"], systems["kiln"], models,
+                                     facts_by_system["kiln"][0]["backends"], log)
     memory = memory_check(settings, log) if settings.memory_check else None
     return reporting.assemble(
         plans=plans, systems=systems, facts=facts, settings=settings, system_facts=facts_by_system,

@@ -39,6 +39,7 @@ class Recorder:
                 "encodes": [],  # ["encode", texts, seconds]
                 "forwards": [],  # [width, height, rows, seconds]
                 "decodes": [],  # [width, height, images, seconds]
+                "parts": [],  # [part, width, height, rows using it, seconds]
                 "requests": {},  # id -> [submitted, first_step, done, images]
             }
             return taken or {}
@@ -69,8 +70,10 @@ class Recorder:
                     data["encodes"].append(["encode", call.items, call.seconds])
                 elif call.component == "forward":
                     data["forwards"].append([call.width, call.height, call.items, call.seconds])
-                else:
+                elif call.component == "decode":
                     data["decodes"].append([call.width, call.height, call.items, call.seconds])
+                else:  # a part's work before a forward (ControlNet): rows of the forward using it
+                    data["parts"].append([call.component, call.width, call.height, call.items, call.seconds])
         for job_id in result.stepped:
             request_id = request_of.get(job_id)
             if request_id is not None:

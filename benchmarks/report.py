@@ -16,7 +16,8 @@ from typing import Any
 from .scenarios import Plan
 
 REPORT_VERSION = 1
-RATIOS = (("kiln", "sequential"), ("kiln", "static"), ("kiln", "limit"))
+RATIOS = (("kiln", "sequential"), ("kiln", "static"), ("kiln", "limit"), ("kiln+idle", "kiln"),
+          ("kiln+idle", "sequential"))
 
 # The targets of issue #6, on the default scenario file's plans.
 TARGET_PLAN_CLOSED = "closed-c16"
@@ -72,6 +73,10 @@ def targets(plans: list[dict[str, Any]], memory: dict[str, Any] | None) -> list[
         ratio.get("kiln/sequential"), 4.0, True, TARGET_PLAN_CLOSED if closed else None)
     add("kiln_vs_limit", "same setup: Kiln images/s >= 0.8x the limit", ratio.get("kiln/limit"), 0.8, True,
         TARGET_PLAN_CLOSED if closed else None)
+    if "kiln+idle/sequential" in ratio:
+        add("kiln_with_idle_neighbours_vs_sequential", "same setup on a server that also holds idle models "
+            "(--idle-neighbours): Kiln images/s >= 4x the sequential baseline", ratio["kiln+idle/sequential"], 4.0,
+            True, TARGET_PLAN_CLOSED)
 
     open_plan = by_name.get(TARGET_PLAN_OPEN)
     kiln = open_plan["systems"].get("kiln") if open_plan else None
@@ -122,7 +127,7 @@ def write_json(report: dict[str, Any], path: Path) -> None:
 
 
 # --- the plot --------------------------------------------------------------------------------------------------------
-COLORS = {"kiln": "tab:red", "sequential": "tab:gray", "static": "tab:blue", "limit": "black"}
+COLORS = {"kiln": "tab:red", "kiln+idle": "tab:orange", "sequential": "tab:gray", "static": "tab:blue", "limit": "black"}
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -150,7 +155,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax = flat[index]
         index += 1
         group = sorted(group, key=lambda p: p["concurrency"])
-        for system in ("kiln", "static", "sequential", "limit"):
+        for system in ("kiln", "kiln+idle", "static", "sequential", "limit"):
             points = [(p["concurrency"], p["systems"][system]["images_per_s"]) for p in group
                       if system in p["systems"] and p["systems"][system].get("images_per_s")]
             if points:

@@ -22,12 +22,15 @@ without their own use:
     kind = "burst"             # every request at once
     requests = 32
 
+A request class with `controlnet = "canny"` sends a ControlNet unit (Kiln only; the model is launched with the
+ControlNets its classes name), one with `lora = "name"` asks for that LoRA (Kiln only); a scenario's `launch`
+table adds Kiln launch options to its plans' models (Kiln relaunches a model between plans whose options differ),
+e.g. `launch = {controlnet_lanes = "split"}`, where `loras = {name = {rank, alpha, denoiser, text}}` (made with
+peft on the tiny checkpoint) and `tiny_loras = [names]` (the tests' tiny LoRAs) become its peft_model_config (see
+scenarios/lora.toml); `draw_as = "<another scenario>"` gives it that scenario's very requests.
+
 Every system sees exactly the same requests (prompts, seeds, sizes, arrival times): they are drawn once, from
 `seed`, by `plan()`.
-
-LoRA runs (Kiln only): a request class may name `uid`, a model launched with its own options from the file's
-top-level `[launch.<uid>]` table (`tiny_loras = ["style", ...]` registers those tiny LoRAs of the model as its
-peft_model_config), and `lora`, the LoRA each of its requests asks for ("" for none); see scenarios/lora.toml.
 """
 
 from __future__ import annotations
@@ -71,8 +74,8 @@ class RequestClass:
     guidance: float = 7.5
     n: int = 1
     weight: float = 1.0
-    uid: str = ""  # the Kiln model uid its requests go to (default: the model name); see `launch`
-    lora: str = ""  # the LoRA its requests ask for ("" none)
+    controlnet: str | None = None  # a ControlNet unit (Kiln only): the name of a ControlNet the model is launched with
+    lora: str | None = None  # a LoRA its requests ask for (Kiln only), by its name in the launch
 
     @property
     def size(self) -> str:
@@ -93,13 +96,13 @@ class BenchRequest:
     seed: int
     n: int = 1
     at: float = 0.0
-    uid: str = ""
-    lora: str = ""
+    controlnet: str | None = None
+    lora: str | None = None
 
     @property
     def batch_key(self) -> tuple:
         """What requests must share to run in one plain pipeline call (static batching)."""
-        return (self.model, self.width, self.height, self.steps, self.guidance, self.uid, self.lora)
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.controlnet, self.lora)
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,8 @@ class Scenario:
     rate: float | None = None  # open loop: images per second
     load: float | None = None  # open loop: fraction of Kiln's capacity on this mix (resolved after Kiln's closed runs)
     seed: int = 0
-    launch: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # uid -> Kiln launch options (the file's)
+    launch: Mapping[str, Any] = field(default_factory=dict)  # Kiln launch options of this scenario's models
+    draw_as: str | None = None  # draw the same requests as the scenario of this name (compare launch options)
 
 
 @dataclass
@@ -131,6 +135,7 @@ class Plan:
     load: float | None = None  # the capacity fraction asked for, if any
     mix: tuple[RequestClass, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)
+    launch: dict[str, Any] = field(default_factory=dict)  # Kiln launch options the plan runs under
 
     @property
     def images(self) -> int:
@@ -154,7 +159,7 @@ class Plan:
 
 
 # --- parsing -----------------------------------------------------------------------------------------------------
-def _size(value: Any, where: str) -> tuple[int, int]:
+def parse_size(value: Any, where: str) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     if isinstance(value, str):
@@ -173,12 +178,12 @@ def parse_mix(items: Any, where: str) -> tuple[RequestClass, ...]:
         if not isinstance(item, Mapping):
             raise ScenarioError(f"{spot}: a request class is a table, got {item!r}")
         item = dict(item)
-        known = {"model", "size", "width", "height", "steps", "guidance", "n", "weight", "uid", "lora"}
+        known = {"model", "size", "width", "height", "steps", "guidance", "n", "weight", "controlnet", "lora"}
         unknown = set(item) - known
         if unknown:
             raise ScenarioError(f"{spot}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
         if "size" in item:
-            item["width"], item["height"] = _size(item.pop("size"), spot)
+            item["width"], item["height"] = parse_size(item.pop("size"), spot)
         try:
             request_class = RequestClass(**item)
         except TypeError as error:
@@ -192,9 +197,6 @@ def parse_mix(items: Any, where: str) -> tuple[RequestClass, ...]:
 def parse_scenarios(data: Mapping[str, Any], where: str = "scenario file") -> list[Scenario]:
     """Scenarios from the parsed contents of a scenario file."""
     default_mix = parse_mix(data["mix"], where) if "mix" in data else (RequestClass(),)
-    launch = data.get("launch", {})
-    if not isinstance(launch, Mapping) or not all(isinstance(v, Mapping) for v in launch.values()):
-        raise ScenarioError(f"{where}: launch must be a table of [launch.<uid>] tables of launch options")
     items = data.get("scenario", data.get("scenarios"))
     if not isinstance(items, list) or not items:
         raise ScenarioError(f"{where}: needs a non-empty `scenario` list ([[scenario]] tables in TOML)")
@@ -207,7 +209,6 @@ def parse_scenarios(data: Mapping[str, Any], where: str = "scenario file") -> li
         if item.get("kind") not in KINDS:
             raise ScenarioError(f"{spot}: kind must be one of {', '.join(KINDS)}, got {item.get('kind')!r}")
         item.setdefault("name", item["kind"])
-        item["launch"] = launch
         item["mix"] = parse_mix(item["mix"], spot) if "mix" in item else default_mix
         if "concurrency" in item:
             levels = item["concurrency"]
@@ -236,6 +237,8 @@ def check_scenario(scenario: Scenario, where: str) -> None:
             raise ScenarioError(f"{where}: rate and load must be > 0")
     if scenario.requests is not None and scenario.requests < 1:
         raise ScenarioError(f"{where}: requests must be >= 1")
+    if not isinstance(scenario.launch, Mapping):
+        raise ScenarioError(f"{where}: launch must be a table of Kiln launch options")
 
 
 def load_scenario_file(path: Path | str) -> list[Scenario]:
@@ -262,7 +265,7 @@ def draw_requests(mix: Sequence[RequestClass], count: int, rng: random.Random, p
         requests.append(BenchRequest(
             id=f"{prefix}-{index:05d}", model=item.model, prompt=rng.choice(PROMPTS), width=item.width,
             height=item.height, steps=item.steps, guidance=item.guidance, seed=rng.randrange(2**31 - 1), n=item.n,
-            uid=item.uid, lora=item.lora,
+            controlnet=item.controlnet, lora=item.lora,
         ))
     return requests
 
@@ -270,19 +273,21 @@ def draw_requests(mix: Sequence[RequestClass], count: int, rng: random.Random, p
 def plan(scenario: Scenario, rate: float | None = None) -> list[Plan]:
     """The scenario's plans with their requests drawn (deterministically from its seed). An open loop needs its
     rate: the scenario's own, else `rate` (resolved from `load` by the caller)."""
-    rng = random.Random(f"{scenario.name}:{scenario.seed}")
+    rng = random.Random(f"{scenario.draw_as or scenario.name}:{scenario.seed}")
     if scenario.kind == "closed":
         plans = []
         for level in scenario.concurrency:
             count = scenario.requests or level * (scenario.requests_per_client or 8)
             name = f"{scenario.name}-c{level}"
-            plans.append(Plan(name, scenario.name, "closed", draw_requests(scenario.mix, count, rng, name),
-                              concurrency=level, mix=scenario.mix))
+            ids = f"{scenario.draw_as or scenario.name}-c{level}"
+            plans.append(Plan(name, scenario.name, "closed", draw_requests(scenario.mix, count, rng, ids),
+                              concurrency=level, mix=scenario.mix, launch=dict(scenario.launch)))
         return plans
     count = scenario.requests or (32 if scenario.kind == "burst" else 200)
     requests = draw_requests(scenario.mix, count, rng, scenario.name)
     if scenario.kind == "burst":
-        return [Plan(scenario.name, scenario.name, "burst", requests, concurrency=count, mix=scenario.mix)]
+        return [Plan(scenario.name, scenario.name, "burst", requests, concurrency=count, mix=scenario.mix,
+                     launch=dict(scenario.launch))]
     rate = scenario.rate if scenario.rate is not None else rate
     if rate is None or rate <= 0:
         raise ScenarioError(f"scenario {scenario.name}: the open-loop rate is not known (load={scenario.load})")
@@ -292,7 +297,8 @@ def plan(scenario: Scenario, rate: float | None = None) -> list[Plan]:
     for request in requests:
         clock += rng.expovariate(rate / mean_images)
         timed.append(replace(request, at=round(clock, 6)))
-    return [Plan(scenario.name, scenario.name, "open", timed, rate=rate, load=scenario.load, mix=scenario.mix)]
+    return [Plan(scenario.name, scenario.name, "open", timed, rate=rate, load=scenario.load, mix=scenario.mix,
+                 launch=dict(scenario.launch))]
 
 
 def same_mix(a: Sequence[RequestClass], b: Sequence[RequestClass]) -> bool:

@@ -5,6 +5,9 @@ Each system runs in its own process, one at a time, with the same torch thread c
 
 from __future__ import annotations
 
+import base64
+import functools
+import io
 import json
 import socket
 import subprocess
@@ -25,6 +28,19 @@ from .scenarios import BenchRequest
 
 STARTUP_SECONDS = 180
 LAUNCH_SECONDS = 1800  # reference-size checkpoints load slowly
+
+
+@functools.cache
+def control_image(width: int, height: int) -> str:
+    """The control image ControlNet requests send (base64 PNG): a grid of white lines on black, an edge map."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((height, width), dtype=np.uint8)
+    pixels[::8], pixels[:, ::8] = 255, 255
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert("RGB").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 class BenchError(RuntimeError):
@@ -82,8 +98,9 @@ class KilnHttp:
         self.stop()
         raise BenchError(f"the Kiln server did not answer within {STARTUP_SECONDS}s:\n{self._log_tail()}")
 
-    def launch(self, model: str, options: Mapping[str, Any], uid: str | None = None) -> None:
-        body = {"model_name": model, "model_uid": uid or model, "model_type": "image", **options}
+    def launch(self, model: str, options: Mapping[str, Any]) -> None:
+        body = {"model_name": model, "model_uid": model, "model_type": "image", **options}
+        httpx.delete(f"{self.endpoint}/v1/models/{model}", timeout=60)  # a relaunch with other options
         response = httpx.post(f"{self.endpoint}/v1/models", json=body, timeout=LAUNCH_SECONDS)
         if response.status_code != 200:
             raise BenchError(f"launching {model} failed: {response.status_code} {response.text}")
@@ -99,6 +116,11 @@ class KilnHttp:
                 return
             time.sleep(0.5)
         raise BenchError(f"models not ready within {timeout}s: {models}")
+
+    def describe(self, model: str) -> dict[str, Any]:
+        response = httpx.get(f"{self.endpoint}/v1/models/{model}", timeout=60)
+        response.raise_for_status()
+        return response.json()
 
     def models(self) -> list[str]:
         return list(httpx.get(f"{self.endpoint}/status", timeout=10).json().get("models", {}))
@@ -117,11 +139,15 @@ class KilnHttp:
 
     def _call(self, request: BenchRequest, scheduled: float) -> Outcome:
         body = {
-            "model": request.uid or request.model, "prompt": request.prompt, "n": request.n,
+            "model": request.model, "prompt": request.prompt, "n": request.n,
             "size": f"{request.width}x{request.height}", "num_inference_steps": request.steps,
             "guidance_scale": request.guidance, "seed": request.seed, "request_id": request.id,
-            "response_format": "b64_json", **({"lora": [{"name": request.lora}]} if request.lora else {}),
+            "response_format": "b64_json",
         }
+        if request.controlnet:
+            body["controlnet"] = [{"name": request.controlnet, "image": control_image(request.width, request.height)}]
+        if request.lora:
+            body["lora"] = [{"name": request.lora}]
         sent = time.monotonic()
         error = None
         try:

@@ -61,7 +61,8 @@ def run_limit(job: dict[str, Any]) -> dict[str, Any]:
         keys = job["work"].get(name, [])
         if not keys:
             continue
-        components = load_components(name, options)
+        components = load_components(name, options, backend=job["backends"][name],
+                                     max_batch_size=job["max_batch_size"])
         times[name] = {key: components.time(parse_shape_key(key)) for key in keys}
     return {"system": "limit", "times": times, "load_after": load_average()}
 

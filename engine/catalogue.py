@@ -16,6 +16,37 @@ OCR = "ocr"
 
 
 @dataclass(frozen=True)
+class ControlNetSpec:
+    """One ControlNet a model can be launched with (launch option `controlnet`): its name and hub repository."""
+
+    name: str
+    hub_id: str
+
+    def describe(self) -> dict:
+        """Xinference's controlnet spec entry."""
+        return {"model_family": "controlnet", "model_name": self.name, "model_id": self.hub_id}
+
+
+def controlnets(hub_ids: Mapping[str, str]) -> Mapping[str, ControlNetSpec]:
+    """name -> hub id, as a catalogue entry's (or a registered model's) ControlNets."""
+    return MappingProxyType({name: ControlNetSpec(name, hub_id) for name, hub_id in hub_ids.items()})
+
+
+# ControlNets per architecture. SD1.5 and SDXL as Xinference's registry lists them; the turbo models take their
+# base architecture's (sd-turbo is SD 2.1, so SD 1.5 ControlNets do not fit it). FLUX.1-dev ControlNets embed
+# guidance, which FLUX.1-schnell has not: schnell has none here (a local one trained for it loads by path).
+SD15_CONTROLNETS = controlnets({name: f"lllyasviel/sd-controlnet-{name}"
+                                for name in ("canny", "mlsd", "hed", "scribble", "openpose", "normal", "seg")})
+SD21_CONTROLNETS = controlnets({name: f"thibaud/controlnet-sd21-{name}-diffusers"
+                                for name in ("canny", "depth", "hed", "openpose", "scribble")})
+SDXL_CONTROLNETS = controlnets({name: f"diffusers/controlnet-{name}-sdxl-1.0" for name in ("canny", "depth", "zoe-depth")})
+SD3_CONTROLNETS = controlnets({"canny": "InstantX/SD3-Controlnet-Canny", "pose": "InstantX/SD3-Controlnet-Pose",
+                               "tile": "InstantX/SD3-Controlnet-Tile"})
+FLUX_DEV_CONTROLNETS = controlnets({"canny": "InstantX/FLUX.1-dev-Controlnet-Canny",
+                                    "depth": "Shakker-Labs/FLUX.1-dev-ControlNet-Depth"})
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One catalogue model: its family, weights location, abilities and defaults."""
 
@@ -30,6 +61,10 @@ class ModelSpec:
     max_size: int  # largest width or height accepted, in pixels
     default_launch: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
     engine: str = "diffusers"  # what runs it, as Xinference's model_engine names it
+    # Request parameters under every request's own (a registered model's default_generate_config).
+    default_parameters: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+    builtin: bool = True  # False: registered by a user (engine.custom)
+    controlnets: Mapping[str, ControlNetSpec] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def stride(self) -> int:
@@ -49,6 +84,8 @@ class ModelSpec:
             "default_size": f"{self.default_size[0]}x{self.default_size[1]}",
             "default_steps": self.default_steps,
             "default_guidance_scale": self.default_guidance,
+            # Xinference's registration lists the ControlNets a launch may name (a launched model: the resident ones)
+            "controlnet": [controlnet.describe() for controlnet in self.controlnets.values()] or None,
         }
 
 
@@ -58,21 +95,24 @@ CATALOGUE: Mapping[str, ModelSpec] = MappingProxyType(
     {
         spec.name: spec
         for spec in (
-            ModelSpec("sd-turbo", SD, "stabilityai/sd-turbo", (TEXT2IMAGE,), (512, 512), 1, 0.0, "float16", 1024),
+            ModelSpec("sd-turbo", SD, "stabilityai/sd-turbo", (TEXT2IMAGE,), (512, 512), 1, 0.0, "float16", 1024,
+                      controlnets=SD21_CONTROLNETS),
             ModelSpec(
-                "sdxl-turbo", SDXL, "stabilityai/sdxl-turbo", (TEXT2IMAGE,), (512, 512), 1, 0.0, "float16", 2048
+                "sdxl-turbo", SDXL, "stabilityai/sdxl-turbo", (TEXT2IMAGE,), (512, 512), 1, 0.0, "float16", 2048,
+                controlnets=SDXL_CONTROLNETS,
             ),
             ModelSpec(
                 "stable-diffusion-v1.5", SD, "runwayml/stable-diffusion-v1-5", _ALL, (512, 512), 50, 7.5,
-                "float16", 1024,
+                "float16", 1024, controlnets=SD15_CONTROLNETS,
             ),
             ModelSpec(
                 "stable-diffusion-xl-base-1.0", SDXL, "stabilityai/stable-diffusion-xl-base-1.0", _ALL,
-                (1024, 1024), 50, 5.0, "float16", 2048,
+                (1024, 1024), 50, 5.0, "float16", 2048, controlnets=SDXL_CONTROLNETS,
             ),
             ModelSpec(
                 "sd3-medium", SD3, "stabilityai/stable-diffusion-3-medium-diffusers", _ALL, (1024, 1024), 28, 7.0,
                 "float16", 2048, MappingProxyType({"quantize_text_encoder": "text_encoder_3"}),
+                controlnets=SD3_CONTROLNETS,
             ),
             ModelSpec(
                 "FLUX.1-schnell", FLUX, "black-forest-labs/FLUX.1-schnell", _ALL, (1024, 1024), 4, 0.0,
@@ -80,7 +120,7 @@ CATALOGUE: Mapping[str, ModelSpec] = MappingProxyType(
             ),
             ModelSpec(
                 "FLUX.1-dev", FLUX, "black-forest-labs/FLUX.1-dev", _ALL, (1024, 1024), 28, 3.5, "bfloat16",
-                2048, MappingProxyType({"quantize_text_encoder": "text_encoder_2"}),
+                2048, MappingProxyType({"quantize_text_encoder": "text_encoder_2"}), controlnets=FLUX_DEV_CONTROLNETS,
             ),
         )
     }

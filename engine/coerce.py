@@ -9,15 +9,14 @@ its own message around it (a request's 400 names the parameter, a launch error n
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from typing import Any
+
+from .textinput import TextInputError, parse_integer, parse_json
 
 TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 FALSE_WORDS = frozenset({"false", "0", "no", "off"})
 NONE_WORDS = frozenset({"none", "null"})
-_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
 
 
 class Unparsable(ValueError):
@@ -36,11 +35,8 @@ def to_int(value: Any) -> int:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and _INTEGER.fullmatch(value):
-        try:
-            return int(value)
-        except ValueError:  # past Python's int-string conversion limit (thousands of digits)
-            pass
+    if isinstance(value, str) and (number := parse_integer(value)) is not None:
+        return number
     raise Unparsable("an integer")
 
 
@@ -88,10 +84,9 @@ def to_json_object(value: Any) -> dict[str, Any]:
         return {}
     if isinstance(value, str):
         try:
-            value = json.loads(value)
-        except ValueError as error:
-            where = f" ({error.msg} at position {error.pos})" if isinstance(error, json.JSONDecodeError) else ""
-            raise Unparsable(f"valid JSON{where}") from None
+            value = parse_json(value)
+        except TextInputError as error:
+            raise Unparsable(f"valid JSON ({error})") from None
     if not isinstance(value, dict):
         raise Unparsable("a JSON object (or a string holding one)")
     return value

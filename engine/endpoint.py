@@ -29,7 +29,8 @@ class EndpointStats:
 
 @runtime_checkable
 class ModelEndpoint(Protocol):
-    """One launched model (a model uid). Status goes created -> loading -> ready | failed, then stopped."""
+    """One launched model (a model uid). Status goes created -> loading -> ready | failed, then stopped (also
+    when its launch is cancelled)."""
 
     uid: str
     spec: Any  # the catalogue entry: ModelSpec or OcrSpec
@@ -40,6 +41,13 @@ class ModelEndpoint(Protocol):
 
     def load(self) -> None:
         """Load the weights and start taking requests (blocks; the registry runs it in a thread)."""
+
+    @property
+    def load_progress(self) -> float:
+        """0..1: how much of the load is done (1.0 once ready)."""
+
+    def cancel_load(self) -> bool:
+        """Stop a load under way at its next stage (`load` then raises LaunchCancelled); False when not loading."""
 
     def close(self) -> None:
         """Stop; requests still waiting or running fail with RequestAborted."""

@@ -2,7 +2,8 @@
 server's one error boundary) can raise and catch them without importing each other.
 
 The server maps each to its HTTP meaning in one place (`server/errors.py`): InvalidRequest 400 (naming `param`),
-QueueFull 429, RequestAborted 409, ModelLoadError 400 at launch, EngineError 500.
+QueueFull 429, RequestAborted 409, ModelLoadError 400 at launch, LaunchCancelled 499 (Xinference's), EngineError
+500.
 """
 
 from __future__ import annotations
@@ -32,3 +33,7 @@ class RequestAborted(RuntimeError):
 
 class ModelLoadError(RuntimeError):
     """A model cannot be loaded as asked; the message says why and what to do."""
+
+
+class LaunchCancelled(RuntimeError):
+    """A launch was cancelled (`POST /v1/models/{uid}/cancel`) before its model was ready."""

@@ -270,8 +270,10 @@ class Executor:
         )
         batch = ForwardBatch(rows, inputs, request.width, request.height)
         for part in self.parts:
-            if batch.rows_using(part):
-                part.before_forward(batch)
+            using = batch.rows_using(part)
+            if using and type(part).before_forward is not Part.before_forward:  # timed as a component call
+                with self._call(part.name, len(using), request.width, request.height):
+                    part.before_forward(batch)
         with self._call("forward", len(rows), request.width, request.height):
             output = family.forward(batch.inputs)
         predictions, row = [], 0

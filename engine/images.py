@@ -48,7 +48,9 @@ def encode(image: Image.Image, output_format: str = "png", quality: int | None =
 
 def decode_upload(data: bytes, max_pixels: int, mode: str = "RGB") -> Image.Image:
     """Decode an uploaded image into `mode`. The size is checked from the header before any pixel is decoded,
-    so a decompression bomb costs nothing. Transparent images are composited onto white, as Xinference does."""
+    so a decompression bomb costs nothing. Transparent images are composited onto white, as Xinference does.
+    Whatever PIL fails on, the conversion to `mode` included (a LAB TIFF has no conversion to RGB or L), is
+    NotAnImage: an upload is the client's input, never a server fault."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -65,6 +67,15 @@ def decode_upload(data: bytes, max_pixels: int, mode: str = "RGB") -> Image.Imag
         raise NotAnImage(
             f"not a readable image ({type(error).__name__}); send PNG, JPEG, WebP, GIF, BMP or TIFF"
         ) from None
+    try:
+        return _convert(image, mode)
+    except (OSError, ValueError):
+        raise NotAnImage(f"a {image.mode} image cannot be converted to {mode}; send an RGB, RGBA, greyscale or "
+                         "palette image") from None
+
+
+def _convert(image: Image.Image, mode: str) -> Image.Image:
+    """`image` in `mode`, transparency composited onto white for RGB."""
     if mode == "RGB" and (image.mode in ("RGBA", "LA") or "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -14,6 +14,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import diffusers
 import torch
@@ -76,9 +77,11 @@ def _hub_offline() -> bool:
 
 
 def resolve_weights(spec: ModelSpec, options: LaunchOptions) -> Path:
-    """The local diffusers directory to load `spec` from, downloading it only when nothing local has it."""
-    if options.model_path:
-        path = Path(options.model_path).expanduser()
+    """The local diffusers directory to load `spec` from (a registered model's is its folder), downloading it
+    only when nothing local has it."""
+    local = options.model_path or (None if spec.builtin else spec.hub_id)
+    if local:
+        path = Path(local).expanduser()
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(
                 f"model_path {str(path)!r} is not a diffusers checkpoint: it has no model_index.json; pass a "
@@ -87,28 +90,36 @@ def resolve_weights(spec: ModelSpec, options: LaunchOptions) -> Path:
         return path
     if options.tiny:
         return tiny_checkpoint(spec.name)
+    # A variant's files are what a variant launch loads: fetch them instead of skipping them.
+    ignore = [pattern for pattern in _HUB_IGNORE if not options.variant or f".{options.variant}." not in pattern]
+    return hub_snapshot(
+        spec.hub_id, f"the weights of {spec.name}", "model_index.json", _HUB_ALLOW, ignore,
+        "pass model_path=<a local diffusers directory>, or pass tiny=True for random tiny weights",
+    )
+
+
+def hub_snapshot(hub_id: str, what: str, marker: str, allow: list[str], ignore: list[str], hint: str) -> Path:
+    """The local snapshot of hub repository `hub_id` that holds `marker`: the Hugging Face cache's, else one
+    downloaded now (never while HF_HUB_OFFLINE is set). `what` and `hint` word the error when there is none."""
     cache = hub_cache_dir()
     try:
-        path = Path(snapshot_download(spec.hub_id, cache_dir=cache, local_files_only=True))
-        if (path / "model_index.json").is_file():
+        path = Path(snapshot_download(hub_id, cache_dir=cache, local_files_only=True))
+        if (path / marker).is_file():
             return path
     except LocalEntryNotFoundError:
         pass
     if _hub_offline():
-        raise _not_found(spec, cache, "the hub is not tried because HF_HUB_OFFLINE is set")
+        raise _not_found(what, hub_id, cache, "the hub is not tried because HF_HUB_OFFLINE is set", hint)
     try:
-        return Path(snapshot_download(
-            spec.hub_id, cache_dir=cache, allow_patterns=_HUB_ALLOW, ignore_patterns=_HUB_IGNORE,
-        ))
+        return Path(snapshot_download(hub_id, cache_dir=cache, allow_patterns=allow, ignore_patterns=ignore))
     except Exception as error:  # network, auth and gating errors all end the same way for the user
-        raise _not_found(spec, cache, f"downloading from the hub failed: {error}") from error
+        raise _not_found(what, hub_id, cache, f"downloading from the hub failed: {error}", hint) from error
 
 
-def _not_found(spec: ModelSpec, cache: Path, reason: str) -> ModelLoadError:
+def _not_found(what: str, hub_id: str, cache: Path, reason: str, hint: str) -> ModelLoadError:
     return ModelLoadError(
-        f"the weights of {spec.name} ({spec.hub_id}) are not in the Hugging Face cache (looked in {cache}, set by "
-        f"HF_HUB_CACHE or HF_HOME) and {reason}. Download them there, pass model_path=<a local diffusers "
-        "directory>, or pass tiny=True for random tiny weights"
+        f"{what} ({hub_id}) are not in the Hugging Face cache (looked in {cache}, set by HF_HUB_CACHE or HF_HOME) "
+        f"and {reason}. Download them there, or {hint}"
     )
 
 
@@ -168,7 +179,7 @@ def _quantized_text_encoder(path: Path, index: dict, name: str, options: LaunchO
     model_class = getattr(transformers, class_name)
     try:
         model = model_class.from_pretrained(path, subfolder=name, quantization_config=config, dtype=dtype,
-                                            device_map={"": device})
+                                            device_map={"": device}, **_weight_files(options))
         _probe_text_encoder(model, device)
     except Exception as error:  # bitsandbytes' failures depend on its build, the CPU and the layer shapes
         raise ModelLoadError(
@@ -187,43 +198,110 @@ def _probe_text_encoder(model: torch.nn.Module, device: torch.device) -> None:
     model(input_ids=torch.ones(1, 4, dtype=torch.long, device=device))
 
 
+def _weight_files(options: LaunchOptions) -> dict:
+    """Which weight files from_pretrained reads (variant, safetensors or .bin), as the launch options say; unset
+    options are left to the libraries' defaults."""
+    return {key: value for key, value in (("variant", options.variant), ("use_safetensors", options.use_safetensors))
+            if value is not None}
+
+
+def _quantized_denoiser(path: Path, index: dict, spec: ModelSpec, options: LaunchOptions,
+                        dtype: torch.dtype) -> torch.nn.Module:
+    """The UNet/transformer through diffusers' own bitsandbytes loader (transformer_quantization), which needs a
+    GPU: its quantizer refuses to run without one."""
+    name = spec.family.denoiser
+    library, class_name = index.get(name) or (None, None)
+    if library != "diffusers":
+        raise ModelLoadError(f"transformer_quantization: {path} has no diffusers {name}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError("transformer_quantization needs bitsandbytes, which is not installed: pip install "
+                             "bitsandbytes, or launch without transformer_quantization")
+    if options.transformer_quantization == "8-bit":
+        config = diffusers.BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_compute_dtype=dtype)
+    try:
+        return getattr(diffusers, class_name).from_pretrained(path, subfolder=name, quantization_config=config,
+                                                              torch_dtype=dtype, **_weight_files(options))
+    except Exception as error:  # bitsandbytes' failures depend on its build, the GPU and the layer shapes
+        raise ModelLoadError(f"{name} of {path} cannot be quantized to {options.transformer_quantization}: "
+                             f"{type(error).__name__}: {error}; launch without transformer_quantization") from error
+
+
+def _apply_memory_options(pipeline: DiffusionPipeline, options: LaunchOptions, device: torch.device) -> None:
+    """Offload, VAE tiling and slicing, and attention slicing, each through diffusers' own switch. The engine's
+    batched decode goes through `vae.decode`, which honours tiling and slicing for a whole batch."""
+    if options.sequential_cpu_offload:
+        pipeline.enable_sequential_cpu_offload(device=device)
+    elif options.cpu_offload:
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        # Quantized text encoders (and a quantized denoiser) are on `device` already, so this does not move them.
+        pipeline.to(device)
+    if options.vae_tiling:
+        pipeline.vae.enable_tiling()
+    if options.vae_slicing:
+        pipeline.vae.enable_slicing()
+    if options.attention_slicing is not None:
+        pipeline.enable_attention_slicing(options.attention_slicing)
+
+
+def _needs_gpu(options: LaunchOptions, device: torch.device) -> None:
+    """Options that only run on a GPU, refused (naming the option) before any weights are read."""
+    wanted = [name for name in ("cpu_offload", "sequential_cpu_offload", "transformer_quantization")
+              if getattr(options, name)]
+    if wanted and device.type != "cuda":
+        why = "device='cpu' was asked for" if torch.cuda.is_available() else "there is no CUDA device"
+        what = {"cpu_offload": "cpu_offload keeps models on the CPU and runs each on a GPU",
+                "sequential_cpu_offload": "sequential_cpu_offload keeps weights on the CPU and runs each layer on a "
+                                          "GPU",
+                "transformer_quantization": "transformer_quantization runs diffusers' bitsandbytes layers, which "
+                                            "need a GPU"}[wanted[0]]
+        raise ModelLoadError(f"{what}, but this launch runs on the CPU ({why}); launch without {wanted[0]}, or with "
+                             "device='cuda' on a machine with a GPU")
+
+
 # diffusers and transformers switch process-wide torch state while they build models (default dtype, meta-device
 # init), so two loads in parallel threads corrupt each other ("Cannot copy out of meta tensor"): one at a time.
-_LOAD_LOCK = threading.Lock()
+LOAD_LOCK = threading.Lock()
 
 
-def load_model(spec: ModelSpec, options: LaunchOptions) -> LoadedModel:
-    """Load the text-to-image pipeline of `spec` honouring dtype, device, offload, quantization and dropped T5."""
-    with _LOAD_LOCK:
-        return _load_model(spec, options)
+def load_model(spec: ModelSpec, options: LaunchOptions,
+               on_progress: Callable[[float], None] = lambda fraction: None) -> LoadedModel:
+    """Load the text-to-image pipeline of `spec` honouring dtype, device, offload, quantization, dropped T5 and
+    the memory options. `on_progress(fraction)` is told each stage done (weights found, encoders quantized,
+    pipeline built, placed): what `GET /v1/models/{uid}/progress` shows, and where a cancelled launch stops."""
+    with LOAD_LOCK:
+        return _load_model(spec, options, on_progress)
 
 
-def _load_model(spec: ModelSpec, options: LaunchOptions) -> LoadedModel:
+def _load_model(spec: ModelSpec, options: LaunchOptions, on_progress: Callable[[float], None]) -> LoadedModel:
     device = resolve_device(options)
-    if options.cpu_offload and device.type != "cuda":
-        why = "device='cpu' was asked for" if torch.cuda.is_available() else "there is no CUDA device"
-        raise ModelLoadError(
-            f"cpu_offload keeps models on the CPU and runs each on a GPU, but this launch runs on the CPU ({why}); "
-            "launch without cpu_offload, or with device='cuda' on a machine with a GPU"
-        )
+    _needs_gpu(options, device)
     dtype = getattr(torch, resolve_dtype(spec, options, device.type))
     path = resolve_weights(spec, options)
     index = _read_model_index(path)
     _check_family(spec, index, path)
+    on_progress(0.1)
     overrides = {name: _quantized_text_encoder(path, index, name, options, dtype, device)
                  for name in options.quantize_text_encoder}
     if options.drop_text_encoder_3:
         overrides.update(text_encoder_3=None, tokenizer_3=None)
+    if options.transformer_quantization:
+        overrides[spec.family.denoiser] = _quantized_denoiser(path, index, spec, options, dtype)
+    on_progress(0.3)
+    files = _weight_files(options)
+    if options.low_cpu_mem_usage is not None:
+        files["low_cpu_mem_usage"] = options.low_cpu_mem_usage
     try:
-        pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, **overrides)
+        pipeline = DiffusionPipeline.from_pretrained(path, dtype=dtype, **files, **overrides)
     except Exception as error:  # corrupt or partial checkpoints fail in many library-specific ways
         raise ModelLoadError(
             f"could not load {spec.name} from {path}: {error}; check that it is a complete diffusers checkpoint"
         ) from error
-    if options.cpu_offload:
-        pipeline.enable_model_cpu_offload(device=device)
-    else:
-        # Quantized text encoders are on `device` already, so this does not move them.
-        pipeline.to(device)
+    on_progress(0.7)
+    _apply_memory_options(pipeline, options, device)
+    on_progress(0.8)
     pipeline.set_progress_bar_config(disable=True)
     return LoadedModel(spec=spec, pipeline=pipeline, device=device, dtype=dtype, source=str(path))

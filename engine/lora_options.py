@@ -23,6 +23,7 @@ from kiln.engine.coerce import Unparsable, to_bool, to_float, to_int
 from kiln.engine.errors import InvalidRequest
 
 MAX_SCALE = 10.0  # |scale| bound of a request's LoRA (and of a launch's default scale)
+MAX_RANK = 512  # vLLM's largest max_lora_rank
 DEFAULTS = ("all", "none")
 # How per-row mode batches: rows with different LoRAs in one forward (Kiln's way), or one lane per LoRA set (the
 # peers' way: vLLM-Omni, tt-inference-server, llama.cpp), kept as a switch to measure the difference.
@@ -32,8 +33,6 @@ BATCHING = ("mixed", "per-config")
 LOAD_KWARGS = frozenset({"weight_name", "subfolder", "use_safetensors", "local_files_only", "cache_dir", "revision",
                          "low_cpu_mem_usage"})
 FUSE_KWARGS = frozenset({"lora_scale", "safe_fusing", "adapter_names", "components"})
-OPTION_NAMES = ("peft_model_config", "max_loras", "max_lora_rank", "max_cpu_loras", "max_loras_per_request",
-                "lora_dir", "lora_default", "lora_batching")
 
 
 class LoraOptionError(InvalidRequest):
@@ -106,13 +105,14 @@ class LoraOptions:
                      if fused is None or lora.name in fused)
 
 
-def _int(name: str, value: Any, low: int) -> int:
+def _int(name: str, value: Any, low: int, high: int | None = None) -> int:
     try:
         number = to_int(value)
     except Unparsable:
         number = low - 1
-    if number < low:
-        raise LoraOptionError(f"launch option {name!r}: got {value!r}; accepted: an integer >= {low}", name)
+    if number < low or (high is not None and number > high):
+        accepted = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+        raise LoraOptionError(f"launch option {name!r}: got {value!r}; accepted: {accepted}", name)
     return number
 
 
@@ -219,13 +219,49 @@ def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], dict[str, An
 _PARSERS: Mapping[str, Callable[[Any], dict[str, Any]]] = {
     "peft_model_config": _peft_model_config,
     "max_loras": lambda value: {"max_loras": _int("max_loras", value, 0)},
-    "max_lora_rank": lambda value: {"max_lora_rank": _int("max_lora_rank", value, 1)},
+    "max_lora_rank": lambda value: {"max_lora_rank": _int("max_lora_rank", value, 1, MAX_RANK)},
     "max_cpu_loras": lambda value: {"max_cpu_loras": _int("max_cpu_loras", value, 1)},
     "max_loras_per_request": lambda value: {"max_loras_per_request": _int("max_loras_per_request", value, 1)},
     "lora_dir": lambda value: {"lora_dir": _lora_dir(value)},
     "lora_default": _choice("lora_default", DEFAULTS),
     "lora_batching": _choice("lora_batching", BATCHING),
 }
+_LORA_ENTRY = {"type": "object", "required": ["lora_name", "local_path"], "properties": {
+    "lora_name": {"type": "string"}, "local_path": {"type": "string"},
+    "lora_scale": {"type": "number", "minimum": -MAX_SCALE, "maximum": MAX_SCALE}}}
+_KWARGS = {"type": ["object", "null"]}
+# option -> (JSON schema, description): what the API document says of each (engine.options.LAUNCH_OPTIONS).
+OPTION_SCHEMAS: Mapping[str, tuple[Mapping[str, Any], str]] = {
+    "peft_model_config": ({"type": ["object", "null"], "properties": {
+        "lora_list": {"type": "array", "items": _LORA_ENTRY}, "image_lora_load_kwargs": _KWARGS,
+        "image_lora_fuse_kwargs": _KWARGS}},
+        "Xinference's LoRAs: lora_list [{lora_name, local_path}], image_lora_load_kwargs (lora_state_dict's), "
+        "image_lora_fuse_kwargs (fuse_lora's: lora_scale, default 1)."),
+    "max_loras": ({"type": "integer", "minimum": 0},
+                  "LoRA slots for per-row mode, where each request picks its LoRAs; 0 (default): the launch LoRAs "
+                  "are fused into the weights, as Xinference does."),
+    "max_lora_rank": ({"type": "integer", "minimum": 1, "maximum": MAX_RANK},
+                      "The largest LoRA rank per-row slots hold (default 64)."),
+    "max_cpu_loras": ({"type": "integer", "minimum": 1},
+                      "Parsed LoRAs kept in host memory (default: max_loras, max_loras_per_request or the launch "
+                      "list, whichever is largest)."),
+    "max_loras_per_request": ({"type": "integer", "minimum": 1}, "LoRAs one request may stack (default 3)."),
+    "lora_dir": ({"type": ["string", "null"]},
+                 "A folder of .safetensors LoRAs that requests name by file stem, read on first use (per-row mode)."),
+    "lora_default": ({"type": "string", "enum": list(DEFAULTS)},
+                     "What a request without lora gets: all (every launch LoRA, as Xinference) or none."),
+    "lora_batching": ({"type": "string", "enum": list(BATCHING)},
+                      "mixed: rows with different LoRAs share forwards; per-config: one lane per LoRA set (the "
+                      "peers' way, a benchmark baseline)."),
+}
+OPTION_NAMES = tuple(_PARSERS)
+
+
+def check_option(name: str, value: Any) -> None:
+    """One LoRA launch option alone (a registered model's default_model_config); LoraOptionError if it is bad.
+    How the options fit together is checked when a launch reads them all (`parse_lora_options`)."""
+    if value is not None:
+        _PARSERS[name](value)
 
 
 def parse_lora_options(raw: Mapping[str, Any]) -> LoraOptions:

@@ -11,21 +11,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 
-from .backends.launch import launch_backend
 from .backends import SPECIFIC_BACKENDS
+from .backends.launch import launch_backend
 from .catalogue import ModelSpec
 from .endpoint import EndpointStats
-from .errors import EngineError, InvalidRequest, QueueFull
+from .errors import EngineError, InvalidRequest, ModelLoadError, QueueFull
 from .execution import Executor
 from .families import make_family
 from .loading import LoadedModel, load_model
 from .memory import CPU_BATCH_SIZE, batch_budget
+from .openmp import release_thread_pool
 from .options import LaunchOptions
-from .parts import Part, make_parts
+from .parts import Part, make_parts, unsupported_backends
 from .requests import ImageRequest, LaneKey, PreviewCallback, RequestHandle, job_specs
 from .scheduler import Event, Failed, Finished, Preview, Progress, Scheduler, StepPlan, StepResult
 from .schema import Limits, check_request
@@ -34,18 +35,7 @@ from .worker import ModelWorker
 log = logging.getLogger("kiln.engine")
 
 StepObserver = Callable[[StepPlan, StepResult], None]
-
-
-def unsupported_backends(parts: list[Part]) -> Mapping[str, str]:
-    """Backend -> why this launch's parts cannot run on it (from each part's `backends`)."""
-    reasons = {}
-    for part in parts:
-        if part.backends is not None:
-            for backend in SPECIFIC_BACKENDS:
-                if backend not in part.backends:
-                    reasons.setdefault(backend, part.backends_note or f"{part.name} runs on "
-                                       f"{' or '.join(sorted(part.backends))} only")
-    return reasons
+TINY_LANE = (64, 64)  # the lane tiny checkpoints serve in the tests, the demo and the benchmarks: warmed and timed
 
 
 class Runner(ModelWorker):
@@ -75,7 +65,13 @@ class Runner(ModelWorker):
         `warmup_size` (width, height), by default the model's default size."""
 
         def load() -> None:
-            self.loaded = load_model(self.spec, self.options)
+            unsupported = unsupported_backends(self.spec, self.options)
+            if self.options.backend in unsupported:
+                able = [name for name in SPECIFIC_BACKENDS if name not in unsupported]
+                raise ModelLoadError(f"backend {self.options.backend!r} cannot run this launch: "
+                                     f"{unsupported[self.options.backend]}; launch with backend "
+                                     f"{' or '.join(repr(name) for name in able)}")
+            self.loaded = load_model(self.spec, self.options, on_progress=self.report_load)
             family = make_family(self.spec.family, self.loaded.pipeline, self.loaded.device, self.loaded.dtype)
             budget = batch_budget(family, self.options.max_batch_size, self.spec.default_size)
             self.scheduler.max_batch_size = budget.max_batch_size
@@ -85,8 +81,10 @@ class Runner(ModelWorker):
                 part.wake = self._wake
             self.backend_info = launch_backend(
                 self.options.backend, family, model=self.spec.name, source=self.loaded.source,
-                max_batch_size=budget.max_batch_size, warmup_size=warmup_size or self.spec.default_size,
-                cpu_offload=self.options.cpu_offload, unsupported=unsupported_backends(self.parts),
+                max_batch_size=budget.max_batch_size,
+                warmup_size=warmup_size or (TINY_LANE if self.options.tiny else self.spec.default_size),
+                cpu_offload=self.options.cpu_offload, unsupported=unsupported,
+                variants=[part.example_inputs for part in self.parts],
             )
             self.executor = Executor(family, budget, self.parts)
 
@@ -101,6 +99,10 @@ class Runner(ModelWorker):
             raise InvalidRequest(f"model {self.uid} ({spec.name}) cannot do {request.mode}; it can: "
                                  f"{', '.join(spec.abilities)}", "model", "ability_not_supported")
         check_request(spec, request, self.limits)
+        missing = sorted(set(request.part_inputs) - {part.name for part in self.parts})
+        if missing:
+            raise InvalidRequest(f"{missing[0]}: model {self.uid} ({spec.name}) was launched without {missing[0]}; "
+                                 f"launch it with the {missing[0]!r} launch option to use it", missing[0])
         for part in self.parts:
             if part.used_by(request):
                 part.check(request)
@@ -147,8 +149,9 @@ class Runner(ModelWorker):
         return self.scheduler.active_count
 
     def describe(self) -> dict:
-        parts = {part.name: info for part in self.parts if (info := part.describe()) is not None}
-        return {**super().describe(), "backend": self.backend_info, "memory_bytes": self.memory_bytes, **parts}
+        parts = {key: value for part in self.parts for key, value in part.describe().items()}
+        return {**super().describe(), "backend": self.backend_info, "memory_bytes": self.memory_bytes,
+                "controlnet": None, "lora": None, **parts}
 
     def stats(self) -> EndpointStats:
         return replace(super().stats(), extra=tuple(metric for part in self.parts for metric in part.metrics()))
@@ -181,6 +184,8 @@ class Runner(ModelWorker):
         while not self._stopping.is_set():
             if self.scheduler.wait_for_work(timeout=0.5):
                 self.iterate()
+            else:  # idle for half a second: hold no OpenMP workers that would slow the other models (openmp.py)
+                release_thread_pool()
 
     @torch.no_grad()
     def iterate(self) -> None:

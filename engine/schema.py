@@ -6,7 +6,8 @@ range and the words of its 400.
     parsed.delivery     # how the response goes back (url or b64, image format, streaming)
     check_request(spec, request, limits)                    # the engine's own check, from the same declarations
 
-Parameters arrive three ways, merged with later winning: the catalogue defaults, the `kwargs` field (Xinference's
+Parameters arrive three ways, merged with later winning: the model's defaults (the catalogue's, or a registered
+model's default_generate_config), the `kwargs` field (Xinference's
 JSON string, or an object), and top-level fields (JSON values, or multipart text read by the parameter's kind).
 Unknown names are refused, naming them; OpenAI fields that do not apply are accepted and ignored. The module is
 torch-free: the server, the CLI and the API document read it without loading a model.
@@ -22,9 +23,11 @@ from typing import Any, Callable, Mapping
 
 from .catalogue import IMAGE2IMAGE, INPAINTING, TEXT2IMAGE, ModelSpec
 from .coerce import Unparsable, is_none_word, to_bool, to_float, to_int, to_json_object, to_text
+from .controlnet_units import MAX_SCALE, read_numbers, read_units
 from .errors import InvalidRequest
 from .images import FORMATS
-from .lora_options import MAX_SCALE, read_loras
+from .lora_options import MAX_SCALE as MAX_LORA_SCALE
+from .lora_options import read_loras
 from .requests import MAX_SEED, ImageRequest
 from .samplers import sampler_names
 
@@ -52,7 +55,7 @@ class Limits:
 
 
 # --- kinds: how a JSON value or a text value becomes the parameter's type ------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Kind:
     """A conversion (raising Unparsable) and the JSON schema of what it accepts, for the API document."""
 
@@ -81,9 +84,15 @@ BOOLEAN = Kind(to_bool, {"type": "boolean"})
 TEXT = Kind(to_text, {"type": "string"})
 PROMPT = Kind(_to_prompt, {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}]})
 SEED = Kind(_to_seed, {"oneOf": [{"type": "integer"}, {"type": "array", "items": {"type": "integer"}}]})
+NUMBERS = Kind(read_numbers, {"oneOf": [{"type": "number"}, {"type": "array", "items": {"type": "number"}}]})
+CONTROLNET_UNITS = Kind(read_units, {"type": "array", "items": {"type": "object", "properties": {
+    "name": {"type": "string"}, "image": {"type": "string", "contentEncoding": "base64"},
+    "scale": {"type": "number"}, "start": {"type": "number"}, "end": {"type": "number"},
+    "guess_mode": {"type": "boolean"}, "preprocess": {"enum": ["canny"]}, "low": {"type": "integer"},
+    "high": {"type": "integer"}}}})
 _LORA_ITEM = {"type": "object", "required": ["name"],
-              "properties": {"name": {"type": "string"}, "scale": {"type": "number", "minimum": -MAX_SCALE,
-                                                                   "maximum": MAX_SCALE}}}
+              "properties": {"name": {"type": "string"}, "scale": {"type": "number", "minimum": -MAX_LORA_SCALE,
+                                                                   "maximum": MAX_LORA_SCALE}}}
 LORAS = Kind(read_loras, {"oneOf": [_LORA_ITEM, {"type": "array", "items": _LORA_ITEM}]})
 
 Bound = float | str | None  # a number, or the name of a Limits field
@@ -165,11 +174,20 @@ PARAMETERS: Mapping[str, Parameter] = {p.name: p for p in (
     Parameter("stream", BOOLEAN, "Server-sent events with partial images, OpenAI's streaming form."),
     Parameter("partial_images", INTEGER, "Previews streamed while denoising (with stream).", 0,
               "max_partial_images"),
+    Parameter("controlnet", CONTROLNET_UNITS, "ControlNet units [{name, image (base64, or multipart files "
+              "control_image), scale, start, end, guess_mode, preprocess: canny, low, high}].", part="controlnet"),
+    Parameter("controlnet_conditioning_scale", NUMBERS, "diffusers' ControlNet scale (one, or one per unit).", 0,
+              MAX_SCALE, part="controlnet"),
+    Parameter("control_guidance_start", NUMBERS, "Fraction of the steps where ControlNet starts (one, or one per "
+              "unit).", 0, 1, part="controlnet"),
+    Parameter("control_guidance_end", NUMBERS, "Fraction of the steps where ControlNet stops (one, or one per unit).",
+              0, 1, part="controlnet"),
+    Parameter("guess_mode", BOOLEAN, "diffusers' ControlNet guess mode (SD, SDXL).", part="controlnet"),
     Parameter("lora", LORAS, "LoRAs: {name, scale} or a list of them; [] is none; absent: the launch default.",
               part="lora"),
     Parameter("lora_name", TEXT, "One LoRA by name (with lora_scale), as Dify's Xinference plugin asks.",
               part="lora"),
-    Parameter("lora_scale", NUMBER, "The scale of lora_name (default 1).", -MAX_SCALE, MAX_SCALE, part="lora"),
+    Parameter("lora_scale", NUMBER, "The scale of lora_name (default 1).", -MAX_LORA_SCALE, MAX_LORA_SCALE, part="lora"),
 )}
 
 
@@ -231,7 +249,7 @@ def parse_size(text: str) -> tuple[int, int] | None:
     text = text.strip()
     if text.lower() in ("", "auto", "original"):
         return None
-    match = re.fullmatch(r"(\d{1,6})\s*[^\d\s]\s*(\d{1,6})", text)
+    match = re.fullmatch(r"([0-9]{1,6})\s*[^\d\s]\s*([0-9]{1,6})", text)
     if match is None:
         raise InvalidRequest(f"size {text!r} is not WIDTHxHEIGHT (e.g. 512x512 or 512*512)", "size")
     return int(match.group(1)), int(match.group(2))
@@ -260,7 +278,7 @@ def parse_image_request(
     """Merge, read and check one request's parameters for model `spec`. `default_size` (else the model's) is
     the size used when the request gives none; `mode` is text2image, image2image or inpainting; `image` and
     `mask` are the decoded uploads of the multipart endpoints."""
-    p = merge_fields(fields)
+    p = {**merge_fields(spec.default_parameters), **merge_fields(fields)}
     if prompt_required and "prompt" not in p:
         raise InvalidRequest("prompt is required", "prompt", "missing_parameter")
     width, height = parse_size(p.get("size", "")) or default_size or spec.default_size
@@ -269,6 +287,7 @@ def parse_image_request(
     part_inputs: dict[str, dict[str, Any]] = {}
     for name, value in p.items():
         if PARAMETERS[name].part is not None:
+            PARAMETERS[name].check(value, spec, limits)
             part_inputs.setdefault(PARAMETERS[name].part, {})[name] = value
     request = ImageRequest(
         prompt=p.get("prompt", ""), width=p.get("width", width), height=p.get("height", height),
@@ -301,7 +320,7 @@ def check_request(spec: ModelSpec, request: ImageRequest, limits: Limits) -> Non
             PARAMETERS[name].check(value, spec, limits)
     _check_prompts(request, limits)
     _check_size(spec, request.width, request.height)
-    _check_strength(request)
+    _check_strength(spec, request)
     if request.request_id is not None and not 0 < len(request.request_id) <= limits.max_request_id_chars:
         raise InvalidRequest(f"request_id must be 1 to {limits.max_request_id_chars} characters", "request_id")
 
@@ -328,15 +347,21 @@ def _check_size(spec: ModelSpec, width: int, height: int) -> None:
             )
 
 
-def _check_strength(request: ImageRequest) -> None:
-    """Image-to-image and inpainting run steps x strength steps: at least one."""
+def strength_of(request: ImageRequest) -> float:
+    """The strength an image-to-image or inpainting request runs at: its own, else the mode's default."""
+    return request.strength if request.strength is not None else DEFAULT_STRENGTH[request.mode]
+
+
+def _check_strength(spec: ModelSpec, request: ImageRequest) -> None:
+    """Image-to-image and inpainting run the steps the strength keeps (rounded as the family does): at least one."""
     if request.mode not in DEFAULT_STRENGTH:
         return
-    strength = request.strength if request.strength is not None else DEFAULT_STRENGTH[request.mode]
-    if int(request.steps * strength) < 1:
+    strength = strength_of(request)
+    if spec.family.steps_kept(request.steps, strength) < 1:
         raise InvalidRequest(
             f"num_inference_steps {request.steps} with strength {strength} runs no denoising step "
-            f"(steps x strength must be at least 1); raise num_inference_steps or strength", "num_inference_steps",
+            f"(steps x strength must reach at least one step); raise num_inference_steps or strength",
+            "num_inference_steps",
         )
 
 

@@ -34,12 +34,15 @@ import sentencepiece
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
     FluxPipeline,
     FluxTransformer2DModel,
     PNDMScheduler,
+    SD3ControlNetModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -58,9 +61,11 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from kiln.engine.catalogue import CATALOGUE, get_spec
+from kiln.engine.families.specs import FamilySpec
 
 # Bump whenever the builder's output changes: it is part of the cache path, so old caches are never reused.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+CONTROLNETS_FOLDER = "controlnets"  # <checkpoint>/controlnets/<name>: the tiny ControlNets of the model's catalogue names
 
 # ---------------------------------------------------------------------------------------------------------------
 # Recipes: pure data saying what to build.
@@ -450,8 +455,62 @@ def instantiate_component(recipe: Recipe, name: str, dtype: torch.dtype = torch.
     return _instantiate(name, part, config, dtype, device)
 
 
-def _build(recipe: Recipe, directory: Path, dtype: torch.dtype, device: str) -> Path:
-    """Write a checkpoint: model_index.json from the assembled pipeline, then each component's own files."""
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny ControlNets, made from the tiny denoiser as ControlNets are trained from theirs (the encoder copied).
+# The layers a ControlNet zero-initialises (its output projections, and the control input's embedding for SD3 and
+# FLUX) are drawn at random instead: a ControlNet made from config adds exactly zero, and every test of it would
+# pass vacuously. Weights are drawn at unit gain for their fan-in (biases small), and the SD/SDXL control-image
+# encoder is redrawn at a gain that keeps its signal through SiLU (slope 1/2 at 0): at PyTorch's default init its
+# seven convolutions shrink the image's signal so much that the control image would barely matter.
+def _randomise(module: torch.nn.Module, gain: float) -> None:
+    for layer in module.modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            fan_in = layer.weight[0].numel()
+            layer.weight.normal_(0.0, gain / fan_in**0.5)
+            if layer.bias is not None:
+                layer.bias.normal_(0.0, 0.02)
+
+
+def _zero_initialised(controlnet: torch.nn.Module) -> list[torch.nn.Module]:
+    if isinstance(controlnet, ControlNetModel):
+        return [controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                controlnet.controlnet_cond_embedding.conv_out]
+    if isinstance(controlnet, SD3ControlNetModel):
+        return [controlnet.controlnet_blocks, controlnet.pos_embed_input]
+    return [controlnet.controlnet_blocks, controlnet.controlnet_single_blocks, controlnet.controlnet_x_embedder]
+
+
+def make_controlnet(denoiser: torch.nn.Module, family: FamilySpec, name: str) -> torch.nn.Module:
+    """A small ControlNet for `denoiser` (the family's own ControlNet class), seeded by `name`, its
+    zero-initialised layers randomised."""
+    with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"controlnet-{name}".encode()))
+        config = dict(denoiser.config)
+        if family.controlnet == "ControlNetModel":
+            # One stride-2 stage per VAE downsampling: the control image enters at latent size.
+            controlnet = ControlNetModel.from_unet(denoiser, conditioning_embedding_out_channels=(4, 8, 8, 16))
+        elif family.controlnet == "SD3ControlNetModel":
+            controlnet = SD3ControlNetModel.from_config({**config, "num_layers": 1, "extra_conditioning_channels": 0})
+            for part in ("pos_embed", "time_text_embed", "context_embedder"):
+                getattr(controlnet, part).load_state_dict(getattr(denoiser, part).state_dict())
+            controlnet.transformer_blocks.load_state_dict(denoiser.transformer_blocks.state_dict(), strict=False)
+        else:
+            controlnet = FluxControlNetModel.from_transformer(
+                denoiser, num_layers=1, num_single_layers=1, attention_head_dim=config["attention_head_dim"],
+                num_attention_heads=config["num_attention_heads"],
+            )
+        with torch.no_grad():
+            if isinstance(controlnet, ControlNetModel):
+                _randomise(controlnet.controlnet_cond_embedding, 2.5)
+            for module in _zero_initialised(controlnet):
+                _randomise(module, 1.0)
+    return controlnet.eval()
+
+
+def _build(recipe: Recipe, directory: Path, dtype: torch.dtype, device: str,
+           controlnets: Iterable[str] = ()) -> Path:
+    """Write a checkpoint: model_index.json from the assembled pipeline, then each component's own files, then
+    the tiny ControlNets named (under controlnets/<name>)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     components: dict[str, Any] = {}
@@ -466,12 +525,17 @@ def _build(recipe: Recipe, directory: Path, dtype: torch.dtype, device: str) -> 
             components[name].save_pretrained(directory / name)
     # Assembling the pipeline checks the components fit together and yields the real model_index.json.
     recipe.pipeline(**components, **recipe.pipeline_config).save_config(directory)
+    family = next(spec.family for spec in CATALOGUE.values() if spec.family.pipeline == recipe.pipeline.__name__)
+    for name in controlnets:
+        make_controlnet(components[family.denoiser], family, name).save_pretrained(directory / CONTROLNETS_FOLDER / name)
     return directory
 
 
 def build_tiny(model_name: str, directory: Path) -> Path:
-    """Build the tiny checkpoint of one catalogue model into `directory` (created if needed); returns it."""
-    return _build(TINY_CONFIGS[get_spec(model_name).name], directory, torch.float32, "cpu")
+    """Build the tiny checkpoint of one catalogue model, with a tiny ControlNet for each of its catalogue
+    ControlNet names, into `directory` (created if needed); returns it."""
+    spec = get_spec(model_name)
+    return _build(TINY_CONFIGS[spec.name], directory, torch.float32, "cpu", controlnets=spec.controlnets)
 
 
 def build_reference(model_name: str, directory: Path, dtype: torch.dtype = torch.float16, device: str = "cpu") -> Path:

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from .endpoint import EndpointStats
-from .errors import RequestAborted
+from .errors import LaunchCancelled, RequestAborted
+from .openmp import release_thread_pool
 from .requests import RequestBook
 
 
@@ -54,8 +55,30 @@ class ModelWorker:
         self.error: str | None = None
         self.created = int(time.time())
         self._requests = RequestBook()
+        self._load_progress = 0.0
+        self._cancelled = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+
+    # --- launch progress and cancellation -------------------------------------------------------------------
+    @property
+    def load_progress(self) -> float:
+        """0..1: the load stages done (1.0 once ready)."""
+        return self._load_progress
+
+    def report_load(self, fraction: float) -> None:
+        """Called by the load between its stages: records progress, and stops a cancelled launch there (a stage
+        itself, reading weights, cannot be interrupted)."""
+        if self._cancelled.is_set():
+            raise LaunchCancelled(f"the launch of {self.uid} was cancelled")
+        self._load_progress = max(self._load_progress, min(1.0, fraction))
+
+    def cancel_load(self) -> bool:
+        """Ask a launch still under way to stop at its next stage; False once it is ready, failed or stopped."""
+        if self.status not in ("created", "loading"):
+            return False
+        self._cancelled.set()
+        return True
 
     def _load_and_start(self, load: Callable[[], None], start: bool) -> None:
         """Run `load` (recording its error, which is raised), then start the worker thread unless start=False,
@@ -63,9 +86,15 @@ class ModelWorker:
         self.status = "loading"
         try:
             load()
+            self.report_load(1.0)
+        except LaunchCancelled:
+            self.status = "stopped"
+            raise
         except Exception as error:
             self.status, self.error = "failed", str(error)
             raise
+        finally:
+            release_thread_pool()  # the loading thread (a server pool thread) will not run this model
         if start:
             self._thread = threading.Thread(target=self._loop, name=f"{self.thread_name}-{self.uid}", daemon=True)
             self._thread.start()
@@ -80,6 +109,11 @@ class ModelWorker:
         self._drop_waiting()
         self._requests.fail_all(RequestAborted(f"model {self.uid} was terminated"))
         self.status = "stopped"
+
+    @property
+    def worker_alive(self) -> bool:
+        """False once the worker thread has died without being stopped (a replica's health check reads it)."""
+        return self._thread is None or self._thread.is_alive() or self._stopping.is_set()
 
     # --- the ModelEndpoint doors that every model has alike -------------------------------------------------
     def get(self, request_id: str) -> Any | None:

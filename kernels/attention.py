@@ -257,7 +257,8 @@ def _replacement(processor: object) -> type | None:
 
 def install(module: torch.nn.Module, preferred: str = "auto") -> str:
     """Put Kiln's processors with the chosen kernel on every attention layer of a diffusers model; the name of
-    the kernel chosen. Layers with processors Kiln does not know keep theirs (logged)."""
+    the kernel chosen. Layers with processors Kiln does not know keep theirs (logged): a model whose layers all
+    run diffusers' sliced attention (launch option attention_slicing) keeps it, and the name says so."""
     parameter = next(module.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
     dtype = parameter.dtype if parameter is not None else torch.float32
@@ -275,9 +276,11 @@ def install(module: torch.nn.Module, preferred: str = "auto") -> str:
         replaced += 1
     if kept:
         log.info("attention: %d layers kept their own processors (%s)", len(kept), ", ".join(sorted(kept)))
-    module._kiln_attention = kernel
-    log.info("attention kernel %s on %d layers of %s", kernel, replaced, type(module).__name__)
-    return kernel
+    # With no layer replaced (diffusers' sliced attention, say), what runs is diffusers' processors: say so.
+    chosen = kernel if replaced or not kept else f"diffusers ({', '.join(sorted(kept))})"
+    module._kiln_attention = chosen
+    log.info("attention kernel %s on %d layers of %s", chosen, replaced, type(module).__name__)
+    return chosen
 
 
 def installed(module: torch.nn.Module) -> str | None:

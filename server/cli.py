@@ -14,11 +14,10 @@ import json
 import os
 import sys
 import threading
-import time
 import uuid
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 import httpx
 
@@ -27,7 +26,7 @@ from kiln.server.client import Client, ImageModelHandle, KilnError
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:9997"
 PROGRESS_POLL_SECONDS = 0.2
-LAUNCH_POLL_SECONDS = 0.5
+LAUNCH_POLL_SECONDS = 0.2
 _SUFFIX_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 
 
@@ -83,45 +82,62 @@ def startup_launches(demo: bool, names: list[str]) -> tuple[dict[str, Any], ...]
     return (*tiny, *ocr, *({"model_name": name} for name in dict.fromkeys(names)))
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the HTTP server in this process. Startup launches load in the background, so it answers at once."""
-    from kiln.server.app import Settings, create_app, serve
+def serve_overrides(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings the command line gives, checked as the config file's are (server/config.py). API keys from
+    --api-key, --api-key-file and $KILN_API_KEYS (comma-separated) together replace the file's."""
+    from kiln.server.config import parse_option, read_key_file
 
-    if args.threads:
+    given = {"host": args.host, "port": args.port, "log_level": args.log_level, "threads": args.threads,
+             "forwarded_allow_ips": args.forwarded_allow_ips, "public_url": args.public_url,
+             "drain_timeout_seconds": args.drain_timeout}
+    values = {key: parse_option(key, value) for key, value in given.items() if value is not None}
+    if args.allowed_hosts:
+        values["allowed_hosts"] = parse_option("allowed_hosts", _comma_list(args.allowed_hosts))
+    keys = [*args.api_key, *_comma_list([environ.get("KILN_API_KEYS", "")])]
+    from_files = frozenset().union(*(read_key_file(Path(path)) for path in args.api_key_file))
+    if keys or from_files:
+        values["api_keys"] = (parse_option("api_keys", keys) if keys else frozenset()) | from_files
+    if args.demo or args.launch:
+        values["launch"] = startup_launches(args.demo, args.launch)
+    return values
+
+
+def _comma_list(items: list[str]) -> list[str]:
+    """Repeated and comma-separated values as one list: ["a,b", "c"] -> ["a", "b", "c"]."""
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the HTTP server in this process until a SIGTERM/SIGINT has drained it (or, with --ray, as Ray Serve's
+    ingress, each model's replicas a Serve deployment). Startup launches load in the background, so it answers at
+    once."""
+    from kiln.server.app import create_app, serve
+    from kiln.server.config import ConfigError, check_launches, read_file, resolve
+
+    try:
+        config = resolve(read_file(args.config) if args.config else {}, serve_overrides(args, os.environ))
+        check_launches(config.settings.launch)
+    except ConfigError as error:
+        print(f"kiln serve: error: {error}", file=sys.stderr)
+        return 2
+    if args.ray:  # Ray Serve's ingress, each model's replicas a Serve deployment
+        from kiln.cluster.front import ClusterSettings
+        from kiln.cluster.serve import serve_on_ray
+
+        return serve_on_ray(args.ray, config.host, config.port, config.settings,
+                            ClusterSettings(args.replica_cpus, config.threads))
+    if config.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
-    settings = Settings(launch=startup_launches(args.demo, args.launch))
-    serve(create_app(settings=settings), args.host, args.port, log_level=args.log_level)
+        torch.set_num_threads(config.threads)
+    serve(create_app(settings=config.settings), config.host, config.port, log_level=config.log_level,
+          forwarded_allow_ips=config.forwarded_allow_ips)
     return 0
 
 
 # --- model management ------------------------------------------------------------------------------------------
 def _client(args: argparse.Namespace) -> Client:
     return Client(args.endpoint, api_key=args.api_key)
-
-
-def wait_until_ready(client: Client, model_uid: str, out: TextIO = sys.stderr) -> dict:
-    """Poll the model's description until it is ready, printing a dot per poll; raise with the load error.
-
-    Kiln describes a loading model with its `status`; Xinference answers 503 until ready and has no status.
-    """
-    while True:
-        try:
-            description = client.describe_model(model_uid)
-        except KilnError as error:
-            if error.status_code != 503:
-                raise
-        else:
-            status = description.get("status", "ready")
-            if status == "ready":
-                print(file=out)
-                return description
-            if status == "failed":
-                print(file=out)
-                raise KilnError("launch model", 500, description.get("error") or f"model {model_uid} failed")
-        print(".", end="", file=out, flush=True)
-        time.sleep(LAUNCH_POLL_SECONDS)
 
 
 def peft_model_config(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -137,25 +153,59 @@ def peft_model_config(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    """Launch without blocking the HTTP call, then poll, so a slow load shows progress and a failure its reason.
-
-    A failed load is terminated, freeing its uid, as a launch with wait_ready=true would leave it.
-    """
+    """Launch and wait for the load (wait_ready=true, in a thread), drawing the launch progress as Xinference's
+    CLI does. A failed load answers with the server's own status (400 for the user's mistake, such as weights not
+    in the cache) and message, and its uid is freed. Ctrl-C cancels the launch (Xinference's CLI asks first; here
+    the interrupt is the answer)."""
+    uid = args.model_uid or args.model_name
     peft = peft_model_config(args)
     options = {**args.options, **({"peft_model_config": peft} if peft else {})}
-    with _client(args) as client:
-        uid = client.launch_model(
-            args.model_name, args.model_type, model_uid=args.model_uid, model_path=args.model_path,
-            wait_ready=False, **options,
-        )
-        print(f"Launching {uid}", end="", file=sys.stderr, flush=True)
+    outcome: dict[str, Any] = {}
+
+    def launch(client: Client) -> None:
         try:
-            wait_until_ready(client, uid)
-        except KilnError:
+            outcome["uid"] = client.launch_model(args.model_name, args.model_type, model_uid=args.model_uid,
+                                                 model_path=args.model_path, wait_ready=True, **options)
+        except Exception as error:  # noqa: BLE001 - re-raised on the main thread
+            outcome["error"] = error
+
+    print(f"Launching {uid}", file=sys.stderr, flush=True)
+    with _client(args) as client, _client(args) as progress:
+        waiter = threading.Thread(target=launch, args=(client,), daemon=True)
+        waiter.start()
+        try:
+            with ProgressBar(lambda: progress.get_launch_model_progress(uid)["progress"], sys.stderr):
+                while waiter.is_alive():
+                    waiter.join(LAUNCH_POLL_SECONDS)
+                if "error" in outcome:
+                    raise outcome["error"]
+        except KeyboardInterrupt:
             with contextlib.suppress(KilnError):
-                client.terminate_model(uid)
-            raise
+                progress.cancel_launch_model(uid)
+            print(f"Launch of {uid} cancelled", file=sys.stderr)
+            return 130
+    uid = outcome["uid"]
     print(f"Model uid: {uid}")
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register a custom model from a spec file (Xinference's format); the server checks it."""
+    spec = args.file.read_text(encoding="utf-8")
+    with _client(args) as client:
+        client.register_model(args.model_type, spec, persist=args.persist)
+    name = json.loads(spec).get("model_name") if spec.strip().startswith("{") else None
+    print(f"Registered {name}" + (" (persisted)" if args.persist else ""))
+    return 0
+
+
+def cmd_unregister(args: argparse.Namespace) -> int:
+    name = args.name or args.model_name
+    if not name:
+        raise KilnError("unregister model", 400, "give the model name: kiln unregister NAME")
+    with _client(args) as client:
+        client.unregister_model(args.model_type, name)
+    print(f"Unregistered {name}")
     return 0
 
 
@@ -279,16 +329,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Kiln image-generation server and client.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the HTTP server")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=9997, help="(default: %(default)s)")
+    serve = commands.add_parser("serve", help="run the HTTP server",
+                                epilog="Flags win over the --config file; the file wins over the defaults.")
+    serve.add_argument("--config", type=Path, metavar="FILE",
+                       help="a TOML file with any setting: limits, TTLs, keys, hosts, launches (README.md)")
+    serve.add_argument("--host", help="interface to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="(default: 9997)")
     startup = serve.add_mutually_exclusive_group()
     startup.add_argument("--demo", action="store_true",
                          help=f"launch the tiny checkpoint of every catalogue model, and {DEFAULT_OCR_MODEL}")
     startup.add_argument("--launch", nargs="+", default=[], choices=[*CATALOGUE, *OCR_CATALOGUE], metavar="NAME",
                        help="launch catalogue models at start, with default options")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
+                       help="(default: info)")
     serve.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="require `Authorization: Bearer KEY` (repeatable; also $KILN_API_KEYS, comma-separated)")
+    serve.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
+                       help="API keys, one per line (keeps them out of the process list; repeatable)")
+    serve.add_argument("--allowed-hosts", action="append", metavar="HOSTS",
+                       help="Host headers to answer, comma-separated or repeated; '*' for any; replaces the "
+                       "default: the --host, localhost, 127.0.0.1 and the --public-url host")
+    serve.add_argument("--public-url", metavar="URL",
+                       help="the base of every image `url` (e.g. https://images.example.com behind a proxy)")
+    serve.add_argument("--forwarded-allow-ips", metavar="IPS",
+                       help="proxies whose X-Forwarded-For/-Proto are trusted, comma-separated, '*' for any "
+                       "(uvicorn's option; default: $FORWARDED_ALLOW_IPS or loopback)")
+    serve.add_argument("--drain-timeout", type=float, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, how long admitted requests may still run before they are ended "
+                       "with a 503 (default: 300; a second signal ends the drain at once)")
+    serve.add_argument("--ray", metavar="local|ADDRESS",
+                       help="serve on Ray Serve: 'local' starts Ray here, else join the cluster at ADDRESS; models "
+                       "then take `replica`, `n_gpu`, `gpu_idx`, `worker_ip`, `request_limits` (needs kiln[ray])")
+    serve.add_argument("--replica-cpus", type=float, default=1.0,
+                       help="with --ray: CPUs Ray reserves per model replica (fractions allowed; default: 1)")
     serve.set_defaults(handler=cmd_serve)
 
     launch = commands.add_parser(
@@ -316,6 +390,21 @@ def build_parser() -> argparse.ArgumentParser:
     terminate.add_argument("-u", "--model-uid", "--model_uid", dest="model_uid", required=True)
     _add_endpoint(terminate)
     terminate.set_defaults(handler=cmd_terminate)
+
+    register = commands.add_parser("register", help="register a custom model (a local diffusers folder) by name")
+    register.add_argument("-f", "--file", type=Path, required=True, help="the model spec, JSON as Xinference's")
+    register.add_argument("-t", "--model-type", "--model_type", dest="model_type", default="image")
+    register.add_argument("-p", "--persist", action="store_true", help="keep it across restarts (under $KILN_HOME)")
+    _add_endpoint(register)
+    register.set_defaults(handler=cmd_register)
+
+    unregister = commands.add_parser("unregister", help="remove a registered model")
+    unregister.add_argument("name", nargs="?", metavar="NAME")
+    unregister.add_argument("-n", "--model-name", "--model_name", dest="model_name",
+                            help="as Xinference's CLI takes it")
+    unregister.add_argument("-t", "--model-type", "--model_type", dest="model_type", default="image")
+    _add_endpoint(unregister)
+    unregister.set_defaults(handler=cmd_unregister)
 
     generate = commands.add_parser("generate", help="generate images with a running model and save them")
     generate.add_argument("-m", "--model", required=True, help="model uid")

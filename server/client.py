@@ -246,6 +246,33 @@ class Client:
     def terminate_model(self, model_uid: str) -> None:
         self.request("DELETE", f"/v1/models/{model_uid}", "terminate model")
 
+    def get_launch_model_progress(self, model_uid: str) -> dict:
+        """{"progress": 0..1} of a launch (the load stages done)."""
+        return self.request("GET", f"/v1/models/{model_uid}/progress", "get launch progress").json()
+
+    def cancel_launch_model(self, model_uid: str) -> None:
+        """Cancel a launch under way; its uid is free at once."""
+        self.request("POST", f"/v1/models/{model_uid}/cancel", "cancel launch")
+
+    def get_instance_info(self, model_name: str | None = None, model_uid: str | None = None) -> list[dict]:
+        """Instance records (status CREATING, LOADING, READY, ERROR, TERMINATING, TERMINATED)."""
+        params = _drop_none({"model_name": model_name, "model_uid": model_uid})
+        return self.request("GET", "/v1/models/instances", "get instance info", params=params).json()
+
+    # --- registrations ----------------------------------------------------------------------------------------
+    def register_model(self, model_type: str, model: str | Mapping[str, Any], persist: bool = False) -> None:
+        """Register a custom model from its spec (a JSON string, as Xinference's client sends, or a dict)."""
+        body = {"model": model if isinstance(model, str) else json.dumps(model), "persist": persist}
+        self.request("POST", f"/v1/model_registrations/{model_type}", "register model", json=body)
+
+    def unregister_model(self, model_type: str, model_name: str) -> None:
+        self.request("DELETE", f"/v1/model_registrations/{model_type}/{model_name}", "unregister model")
+
+    def list_model_registrations(self, model_type: str = "image", detailed: bool = False) -> list[dict]:
+        params = {"detailed": "true"} if detailed else {}
+        return self.request("GET", f"/v1/model_registrations/{model_type}", "list model registrations",
+                            params=params).json()
+
     # --- requests ---------------------------------------------------------------------------------------------
     def abort_request(self, model_uid: str, request_id: str, block_duration: int = 30) -> dict:
         """Abort a request sent with `request_id`; it then fails with 409. Returns {"msg": DONE|NO_OP|NOT_FOUND}."""

@@ -1,6 +1,7 @@
 """Test-wide setup: one torch thread, and a tiny-checkpoint cache inside the repo that later runs reuse."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ torch.set_num_threads(1)
 KILN_CACHE = Path(__file__).resolve().parent.parent / ".kiln-cache"
 # Subprocesses and code that uses the default cache root (load_model with tiny=True) find the same cache.
 os.environ["KILN_CACHE"] = str(KILN_CACHE)
+# Kiln's home (persisted model registrations): a fresh folder per run, never the user's ~/.kiln.
+os.environ["KILN_HOME"] = tempfile.mkdtemp(prefix="kiln-home-")
 
 
 @pytest.fixture(scope="session")

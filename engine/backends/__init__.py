@@ -1,4 +1,4 @@
-"""Backends: what executes the denoiser forward. One interface (base.Backend), four implementations:
+"""Backends: what executes the denoiser forward. One interface (base.Backend), five implementations:
 
 - `eager`: the PyTorch module itself (attention through kernels.attention: flash-attn or xformers on a GPU
   when installed, else PyTorch SDPA).
@@ -6,11 +6,13 @@
   launch (compile.py).
 - `onnx`: the denoiser exported to ONNX (dynamic batch and spatial axes, cached on disk) and run by onnxruntime,
   CUDA or CPU provider (onnx.py).
+- `openvino`: the same ONNX export compiled by OpenVINO for the CPU (openvino.py).
 - `tensorrt`: TensorRT engines built from that export, cached per GPU architecture, TensorRT version,
   precision and profile (tensorrt.py; untested here: no GPU).
 
-`auto` picks tensorrt when a cached engine matches this model, GPU and TensorRT version, else compile on a GPU,
-else eager. `launch.launch_backend` is what the runner calls: choose, build, replace `family.denoiser`, warm up.
+`auto` times the backends this launch can use on the model's default lane and keeps the fastest, remembering the
+choice on disk (auto.py). `launch.launch_backend` is what the runner calls: choose, build, replace
+`family.denoiser`, warm up.
 This module is torch-free (names and what is installed), so launch options validate without loading torch.
 
 Environment: KILN_COMPILE_BACKEND (torch.compile backend, default inductor), KILN_COMPILE_MODE (e.g.
@@ -24,7 +26,7 @@ import os
 import shutil
 from typing import Any
 
-BACKEND_NAMES = ("auto", "eager", "compile", "onnx", "tensorrt")
+BACKEND_NAMES = ("auto", "eager", "compile", "onnx", "openvino", "tensorrt")
 SPECIFIC_BACKENDS = BACKEND_NAMES[1:]
 
 
@@ -35,6 +37,10 @@ def package_unavailable(name: str) -> str | None:
         missing = [p for p in ("onnx", "onnxruntime") if importlib.util.find_spec(p) is None]
         if missing:
             return f"{' and '.join(missing)} not installed (pip install 'kiln[onnx]')"
+    if name == "openvino":
+        missing = [p for p in ("onnx", "openvino") if importlib.util.find_spec(p) is None]
+        if missing:
+            return f"{' and '.join(missing)} not installed (pip install 'kiln[openvino]')"
     if name == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
         return "the tensorrt package is not installed (pip install 'kiln[tensorrt]' on a machine with an NVIDIA GPU)"
     return None
@@ -68,6 +74,10 @@ def backend_unavailable(name: str, device: Any, dtype: Any, compiler: str = "ind
         if dtype == torch.bfloat16:
             return "onnxruntime's IO binding takes no bfloat16 tensors; launch with torch_dtype float16"
         return onnxruntime_unavailable(device)
+    if name == "openvino":
+        from .openvino import openvino_unavailable
+
+        return openvino_unavailable(device, dtype)
     from .tensorrt import tensorrt_unavailable
 
     return tensorrt_unavailable(device)

@@ -33,10 +33,15 @@ class Backend:
         self.denoiser = denoiser
         self.input_names: tuple[str, ...] = tuple(denoiser.input_names)
         self.shared_inputs: frozenset[str] = frozenset(denoiser.shared_inputs)
+        self.control_inputs: tuple[str, ...] = tuple(denoiser.control_inputs)
         self.warmup_seconds: float | None = None  # set by warmup()
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.forward(*inputs)
+
+    def names(self, inputs: Sequence[torch.Tensor]) -> tuple[str, ...]:
+        """The names of a call's inputs: `input_names`, then the ControlNet additions when the call has them."""
+        return self.input_names if len(inputs) == len(self.input_names) else self.input_names + self.control_inputs
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -87,17 +92,20 @@ class EagerBackend(Backend):
 
 
 # --- batch buckets and padding ----------------------------------------------------------------------------------
-def batch_buckets(max_rows: int) -> tuple[int, ...]:
-    """1, 2, 4, 8, ... below max_rows, then max_rows itself: the batch sizes a shape-specialising backend
-    compiles, so that any batch of 1..max_rows rows runs on a compiled size without padding to more than
-    twice its rows."""
+def batch_buckets(max_rows: int, fine: bool = False) -> tuple[int, ...]:
+    """The batch sizes a shape-specialising backend compiles, up to max_rows (itself the last), so that any
+    batch of 1..max_rows rows runs on a compiled size: 1, 2, 4, 8, ... (a batch padded to at most twice its rows),
+    or with `fine` also 3, 6, 12, 24, ... between them (padding at most a third of a bucket: where every padded row
+    costs as much as a real one, as in a CUDA graph on a busy GPU, at the price of more graphs)."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    buckets, size = [], 1
+    sizes, size = set(), 1
     while size < max_rows:
-        buckets.append(size)
+        sizes.add(size)
+        if fine and size >= 2 and size * 3 // 2 < max_rows:
+            sizes.add(size * 3 // 2)
         size *= 2
-    return (*buckets, max_rows)
+    return (*sorted(sizes), max_rows)
 
 
 def bucket_for(rows: int, buckets: Sequence[int]) -> int:
@@ -113,14 +121,17 @@ def pad_rows(inputs: Sequence[torch.Tensor], names: Sequence[str], shared: froze
     """Each batched input grown to `rows` by repeating its last row; shared inputs as they are.
 
     Repeating a real row (rather than zeros) keeps the padding rows in the numeric range the model expects, and
-    since no denoiser mixes rows, the real rows' outputs do not depend on them."""
-    padded = []
+    since no denoiser mixes rows, the real rows' outputs do not depend on them. An input given several times (the
+    ControlNet additions of blocks that share one) is padded once and stays one tensor."""
+    padded, done = [], {}
     for name, tensor in zip(names, inputs):
         missing = rows - tensor.shape[0]
         if name in shared or missing <= 0:
             padded.append(tensor)
         else:
-            padded.append(torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])]))
+            if id(tensor) not in done:
+                done[id(tensor)] = torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
+            padded.append(done[id(tensor)])
     return padded
 
 

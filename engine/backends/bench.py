@@ -1,6 +1,6 @@
 """Forward time of one denoiser under each backend: `python -m engine.backends.bench [options]`.
 
-Loads a catalogue model (tiny by default), then times eager, compile (inductor) and onnx forwards at the given
+Loads a catalogue model (tiny by default), then times eager, compile (inductor), onnx and openvino forwards at the given
 row counts, after warm-up, and reports ONNX export and per-bucket compile times. Prints a table and writes JSON
 with --json. Records the thread count and machine load, which dominate CPU numbers (DESIGN.md).
 """
@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-weights", action="store_true", help="not the tiny checkpoint")
     parser.add_argument("--size", default="64x64", help="lane size WxH (default: %(default)s)")
     parser.add_argument("--rows", type=int, nargs="+", default=[2, 8, 32])
-    parser.add_argument("--backends", nargs="+", default=["eager", "compile", "onnx"],
-                        choices=["eager", "compile", "onnx"])
+    parser.add_argument("--backends", nargs="+", default=["eager", "compile", "onnx", "openvino"],
+                        choices=["eager", "compile", "onnx", "openvino"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=30, help="timed forwards per point (min and median reported)")
     parser.add_argument("--json", type=Path)
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cache import EngineCache
     from .compile import CompileBackend
     from .onnx import ONNX_FILE, OnnxBackend
+    from .openvino import OpenVinoBackend
 
     spec = get_spec(args.model)
     width, height = (int(part) for part in args.size.lower().split("x"))
@@ -87,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                     _, entry = onnx_export_for(family, spec.name, loaded.source, EngineCache(root))
                     report["setup_s"]["onnx_export"] = round(time.perf_counter() - started, 2)
                     started = time.perf_counter()
-                    backend = OnnxBackend(denoiser, entry.file(ONNX_FILE), family.device, threads=args.threads)
-                    report["setup_s"]["onnx_session"] = round(time.perf_counter() - started, 2)
+                    if name == "onnx":
+                        backend = OnnxBackend(denoiser, entry.file(ONNX_FILE), family.device, threads=args.threads)
+                    else:
+                        backend = OpenVinoBackend(denoiser, entry.file(ONNX_FILE), family.dtype, threads=args.threads)
+                    report["setup_s"][f"{name}_session"] = round(time.perf_counter() - started, 2)
                     report["forward_ms"][name] = {rows: round(timed(name, backend, rows), 2) for rows in args.rows}
                     print(name, report["forward_ms"][name], file=sys.stderr)
                 continue

@@ -102,8 +102,13 @@ class Family:
         raise NotImplementedError
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One batched forward of named inputs through whichever backend runs the denoiser."""
-        return self.denoiser(*(inputs[name] for name in self.denoiser.input_names))
+        """One batched forward of named inputs through whichever backend runs the denoiser; the ControlNet
+        additions (`control_inputs`) go after the others when a part has added them."""
+        names = self.denoiser.input_names
+        control = self.denoiser.control_inputs
+        if control and control[0] in inputs:
+            names = (*names, *control)
+        return self.denoiser(*(inputs[name] for name in names))
 
     def denoise(self, latents, timesteps, cond, guidance, width, height) -> torch.Tensor:
         """`forward` of the inputs built from per-row latents, timesteps, conditioning and guidance."""

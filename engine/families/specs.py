@@ -9,7 +9,7 @@ import path and imported only when a model is loaded (`kiln.engine.families.make
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
@@ -33,6 +33,9 @@ class FamilySpec:
     denoiser: str  # the pipeline component that denoises: its weights folder
     adapter: str  # "module:Class" of the torch adapter, relative to this package
     max_sequence_length: int | None = None  # T5 tokens, fixed so that the text shape never splits a lane
+    controlnet: str = ""  # the diffusers ControlNet model class that fits the denoiser
+    # ability -> diffusers' ControlNet pipeline class: what Kiln's ControlNet images are checked against.
+    controlnet_pipelines: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     lora_loader: str = ""  # the diffusers LoRA loader mixin whose lora_state_dict reads this family's LoRA files
 
     @property
@@ -45,6 +48,14 @@ class FamilySpec:
         """The pipeline class a checkpoint of this family holds."""
         return self.pipelines[TEXT2IMAGE]
 
+    def steps_kept(self, steps: int, strength: float) -> int:
+        """How many of `steps` an image-to-image or inpainting job runs at `strength`, rounded as the family's
+        diffusers pipelines round: UNet pipelines keep int(steps x strength), flow-matching ones (SD3, FLUX) skip
+        int(steps - steps x strength), which keeps one more step whenever steps x strength is not whole."""
+        if self.flow:
+            return steps - int(max(steps - min(steps * strength, steps), 0))
+        return min(int(steps * strength), steps)
+
 
 def _pipelines(text2image: str, image2image: str, inpainting: str) -> Mapping[str, str]:
     return MappingProxyType({TEXT2IMAGE: text2image, IMAGE2IMAGE: image2image, INPAINTING: inpainting})
@@ -54,7 +65,9 @@ SD = FamilySpec(
     name="sd", stride=8, flow=False, cfg=True,
     pipelines=_pipelines("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
                          "StableDiffusionInpaintPipeline"),
-    text_encoders=("text_encoder",), denoiser="unet", adapter="sd:SDFamily",
+    text_encoders=("text_encoder",), denoiser="unet", adapter="sd:SDFamily", controlnet="ControlNetModel",
+    controlnet_pipelines=_pipelines("StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+                                    "StableDiffusionControlNetInpaintPipeline"),
     lora_loader="StableDiffusionLoraLoaderMixin",
 )
 SDXL = FamilySpec(
@@ -62,6 +75,9 @@ SDXL = FamilySpec(
     pipelines=_pipelines("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                          "StableDiffusionXLInpaintPipeline"),
     text_encoders=("text_encoder", "text_encoder_2"), denoiser="unet", adapter="sdxl:SDXLFamily",
+    controlnet="ControlNetModel",
+    controlnet_pipelines=_pipelines("StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
+                                    "StableDiffusionXLControlNetInpaintPipeline"),
     lora_loader="StableDiffusionXLLoraLoaderMixin",
 )
 SD3 = FamilySpec(
@@ -69,13 +85,19 @@ SD3 = FamilySpec(
     pipelines=_pipelines("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                          "StableDiffusion3InpaintPipeline"),
     text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"), denoiser="transformer",
-    adapter="sd3:SD3Family", max_sequence_length=256, lora_loader="SD3LoraLoaderMixin",
+    adapter="sd3:SD3Family", max_sequence_length=256, controlnet="SD3ControlNetModel",
+    # diffusers' SD3 ControlNet inpainting pipeline is for inpainting ControlNets (mask as extra channels).
+    controlnet_pipelines=MappingProxyType({TEXT2IMAGE: "StableDiffusion3ControlNetPipeline"}),
+    lora_loader="SD3LoraLoaderMixin",
 )
 FLUX = FamilySpec(
     name="flux", stride=16, flow=True, cfg=False,
     pipelines=_pipelines("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
     text_encoders=("text_encoder", "text_encoder_2"), denoiser="transformer", adapter="flux:FluxFamily",
-    max_sequence_length=512, lora_loader="FluxLoraLoaderMixin",
+    max_sequence_length=512, controlnet="FluxControlNetModel",
+    controlnet_pipelines=_pipelines("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline",
+                                    "FluxControlNetInpaintPipeline"),
+    lora_loader="FluxLoraLoaderMixin",
 )
 
 FAMILY_SPECS: Mapping[str, FamilySpec] = MappingProxyType({spec.name: spec for spec in (SD, SDXL, SD3, FLUX)})

@@ -13,6 +13,8 @@ from typing import Callable, Mapping
 from kiln.engine.catalogue import OcrSpec
 from kiln.engine.coerce import Unparsable, to_float
 from kiln.engine.options import (
+    LAUNCH_OPTIONS,
+    LaunchOption,
     LaunchOptionError,
     boolean,
     device_name,
@@ -62,24 +64,43 @@ def _no_tiny(name: str, value: object) -> bool:
     return False
 
 
-# option -> (OcrOptions field or None to drop, parser, engines that take it)
+# option -> (how it is read, engines that take it). The options both kinds of model share read as the image
+# models' do, described once in engine.options; OCR's own are declared here.
 _BOTH = ("onnxruntime", "transformers")
-_OPTIONS: Mapping[str, tuple[str | None, Callable[[str, object], object], tuple[str, ...]]] = {
-    "device": ("device", device_name, _BOTH),
-    "model_path": ("model_path", local_path, _BOTH),
-    "max_batch_size": ("max_batch_size", _batch, _BOTH),
-    "max_queue_size": ("max_queue_size", positive_int, _BOTH),
-    "tiny": (None, _no_tiny, _BOTH),
-    "intra_op_num_threads": ("intra_op_num_threads", positive_int, ("onnxruntime",)),
-    "text_score": ("text_score", _score, ("onnxruntime",)),
-    "torch_dtype": ("torch_dtype", dtype_name, ("transformers",)),
-    "max_new_tokens": ("max_new_tokens", positive_int, ("transformers",)),
+_POSITIVE = {"type": "integer", "minimum": 1}
+
+
+def _shared(name: str, parse: Callable[[str, object], object], field: str | None = None, **changes) -> LaunchOption:
+    option = LAUNCH_OPTIONS[name]
+    return LaunchOption(field if field is not None else option.field, parse, changes.get("schema", option.schema),
+                        changes.get("description", option.description))
+
+
+_OPTIONS: Mapping[str, tuple[LaunchOption, tuple[str, ...]]] = {
+    "device": (_shared("device", device_name), _BOTH),
+    "model_path": (_shared("model_path", local_path, description="PP-OCR: a directory of det/rec(/cls) .onnx "
+                           "files; GOT-OCR2: a checkpoint directory."), _BOTH),
+    "max_batch_size": (_shared("max_batch_size", _batch, schema={"type": ["integer", "null"], "minimum": 1},
+                               description="PP-OCR: text crops per recognition forward; GOT-OCR2: pages per "
+                               "generate."), _BOTH),
+    "max_queue_size": (_shared("max_queue_size", positive_int, description="Requests waiting before 429."), _BOTH),
+    "tiny": (LaunchOption(None, _no_tiny, {"const": False}, "OCR models have no tiny checkpoint: false only."),
+             _BOTH),
+    "intra_op_num_threads": (LaunchOption("intra_op_num_threads", positive_int, _POSITIVE,
+                                          "PP-OCR: onnxruntime threads per forward."), ("onnxruntime",)),
+    "text_score": (LaunchOption("text_score", _score, {"type": "number", "minimum": 0, "maximum": 1},
+                                "PP-OCR: lines recognised with a lower confidence are dropped."), ("onnxruntime",)),
+    "torch_dtype": (_shared("torch_dtype", dtype_name, description="GOT-OCR2: default bfloat16 on CUDA, float32 "
+                            "on a CPU."), ("transformers",)),
+    "max_new_tokens": (LaunchOption("max_new_tokens", positive_int, _POSITIVE,
+                                    "GOT-OCR2: longest text generated per page."), ("transformers",)),
 }
+OCR_LAUNCH_OPTIONS: Mapping[str, LaunchOption] = {name: option for name, (option, _) in _OPTIONS.items()}
 
 
 def option_names(spec: OcrSpec) -> list[str]:
     """The launch options `spec`'s engine accepts."""
-    return [name for name, (_, _, engines) in _OPTIONS.items() if spec.engine in engines]
+    return [name for name, (_, engines) in _OPTIONS.items() if spec.engine in engines]
 
 
 def parse_ocr_options(spec: OcrSpec, raw: Mapping[str, object]) -> OcrOptions:
@@ -93,8 +114,8 @@ def parse_ocr_options(spec: OcrSpec, raw: Mapping[str, object]) -> OcrOptions:
         )
     fields = {}
     for name, value in {**spec.default_launch, **raw}.items():
-        field_name, parse, _ = _OPTIONS[name]
-        parsed = parse(name, value)
-        if field_name is not None:
-            fields[field_name] = parsed
+        option = _OPTIONS[name][0]
+        parsed = option.parse(name, value)
+        if option.field is not None:
+            fields[option.field] = parsed
     return OcrOptions(**fields)

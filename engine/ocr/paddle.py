@@ -11,6 +11,7 @@ crops of similar width (sorted by aspect ratio, so padding to the widest crop of
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ WIDTH_BUCKET = 1.3  # a forward's widest crop (aspect ratio) is at most this muc
 # rapidocr's `736, min` upscales small images until their short side is 736 px, which is 20-40x slower on
 # line-sized images and splits lines at word gaps.
 MIN_SIDE, MAX_SIDE = 30, 2000  # pages are scaled into these bounds before detection
+MAX_ASPECT = MAX_SIDE / 32  # thinner pages are padded first: scaled into the bounds, a side must keep 32 px
 PAD_RATIO, PAD_MIN_HEIGHT = 8, 30  # very wide or short images are padded vertically before detection
 DET = {"limit_side_len": 64, "limit_type": "min", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "thresh": 0.3,
        "box_thresh": 0.5, "max_candidates": 1000, "unclip_ratio": 1.6, "use_dilation": True, "score_mode": "fast"}
@@ -105,6 +107,25 @@ def _providers(device: str) -> tuple[str, list]:
                              "onnxruntime-gpu instead of onnxruntime); use device='cpu' or 'auto'")
     index = int(device.partition(":")[2] or 0)
     return "cuda", [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+
+
+def _widen_thin(image: Image.Image, record: dict) -> Image.Image:
+    """A page thinner than MAX_ASPECT (a 2 x 4000 strip) scaled to fit MAX_SIDE and padded with white across its
+    short side, since rapidocr's resizes round such a side to 0 pixels (ResizeImgError) or, scaling it up to
+    MIN_SIDE, blow the long side up past memory. Other pages pass unchanged. The steps go into `record` in
+    rapidocr's op-record form, so `map_boxes_to_original` undoes them."""
+    width, height = image.size
+    if max(width, height) <= MAX_ASPECT * min(width, height):
+        return image
+    scale = min(1.0, MAX_SIDE / max(width, height))
+    scaled = image.resize((max(1, round(width * scale)), max(1, round(height * scale))))
+    record["preprocess_thin"] = {"ratio_h": height / scaled.height, "ratio_w": width / scaled.width}
+    short = math.ceil(max(scaled.size) / MAX_ASPECT)
+    canvas = Image.new("RGB", (max(scaled.width, short), max(scaled.height, short)), (255, 255, 255))
+    left, top = (canvas.width - scaled.width) // 2, (canvas.height - scaled.height) // 2
+    canvas.paste(scaled, (left, top))
+    record["padding_thin"] = {"top": top, "left": left}
+    return canvas
 
 
 class PaddleOcr:
@@ -183,10 +204,12 @@ class PaddleOcr:
             apply_vertical_padding, get_rotate_crop_image, map_boxes_to_original, resize_image_within_bounds,
         )
 
-        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-        height, width = bgr.shape[:2]
+        width, height = image.size
+        record: dict = {}
+        image = _widen_thin(image.convert("RGB"), record)
+        bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
         scaled, ratio_h, ratio_w = resize_image_within_bounds(bgr, MIN_SIDE, MAX_SIDE)
-        record = {"preprocess": {"ratio_h": ratio_h, "ratio_w": ratio_w}}
+        record["preprocess"] = {"ratio_h": ratio_h, "ratio_w": ratio_w}
         padded, record = apply_vertical_padding(scaled, record, PAD_RATIO, PAD_MIN_HEIGHT)
         found = self.detector(padded)
         if found.boxes is None or len(found.boxes) == 0:

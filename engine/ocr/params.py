@@ -7,7 +7,6 @@ parameter is refused, naming it and listing what the model accepts.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -15,8 +14,10 @@ from typing import Any, Callable, Mapping
 from kiln.engine.catalogue import OcrSpec
 from kiln.engine.coerce import to_bool, to_int
 from kiln.engine.schema import read_as, read_kwargs
+from kiln.engine.textinput import parse_json
 
 from ..errors import InvalidRequest
+from .document import DocumentLimits
 
 MAX_REQUEST_ID_CHARS = 200
 GOT_OCR_TYPES = ("ocr", "format")
@@ -50,7 +51,7 @@ def _pages(name: str, value: Any) -> tuple[int, ...]:
         text = value.strip()
         if text.startswith("["):
             try:
-                value = json.loads(text)
+                value = parse_json(text)
             except ValueError:
                 raise InvalidRequest(f"{name} must be a page number or a list of them, got {value!r}", name) from None
         else:
@@ -97,7 +98,7 @@ def _box(name: str, value: Any) -> tuple[float, float, float, float] | None:
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = parse_json(value)
         except ValueError:
             pass
     if (isinstance(value, list) and len(value) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -108,17 +109,42 @@ def _box(name: str, value: Any) -> tuple[float, float, float, float] | None:
     raise InvalidRequest(f"{name} must be [x1, y1, x2, y2] in pixels with x1 < x2 and y1 < y2, got {value!r}", name)
 
 
-_COMMON: dict[str, Callable[[str, Any], Any]] = {
-    "detail": _boolean,
-    "pages": _pages,
-    "dpi": _integer,
-    "request_id": _request_id,
+@dataclass(frozen=True)
+class OcrParameter:
+    """One OCR request parameter: how its value is read, and what the API document says of it."""
+
+    parse: Callable[[str, Any], Any]
+    schema: Mapping[str, Any]
+    description: str
+
+
+_DPI = DocumentLimits()  # the dpi bounds open_document enforces
+_PAGES_SCHEMA = {"oneOf": [{"type": "integer", "minimum": 1},
+                           {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
+                           {"type": "string"}]}
+_COMMON: dict[str, OcrParameter] = {
+    "detail": OcrParameter(_boolean, {"type": "boolean"}, "PP-OCR: answer {text, lines: [{text, box, score}]}."),
+    "pages": OcrParameter(_pages, _PAGES_SCHEMA, "PDF: the 1-based pages to read (an int, a list, or '1,3')."),
+    "dpi": OcrParameter(_integer, {"type": "integer", "minimum": _DPI.min_dpi, "maximum": _DPI.max_dpi},
+                        f"PDF: rasterising resolution (default {_DPI.default_dpi})."),
+    "request_id": OcrParameter(_request_id, {"type": "string", "minLength": 1, "maxLength": MAX_REQUEST_ID_CHARS},
+                               "Your id for progress and abort calls."),
 }
-_BY_ENGINE: dict[str, dict[str, Callable[[str, Any], Any]]] = {
-    "onnxruntime": {**_COMMON, "ocr_type": _plain_only},
-    "transformers": {**_COMMON, "ocr_type": _choice(GOT_OCR_TYPES), "ocr_box": _box,
-                     "ocr_color": _choice(GOT_COLORS)},
+_BY_ENGINE: dict[str, dict[str, OcrParameter]] = {
+    "onnxruntime": {**_COMMON, "ocr_type": OcrParameter(_plain_only, {"const": "ocr"}, "PP-OCR reads plain text.")},
+    "transformers": {
+        **_COMMON,
+        "ocr_type": OcrParameter(_choice(GOT_OCR_TYPES), {"enum": list(GOT_OCR_TYPES)},
+                                 "GOT-OCR2: ocr (plain text) or format (markdown/LaTeX)."),
+        "ocr_box": OcrParameter(_box, {"oneOf": [{"type": "array", "items": {"type": "number"}, "minItems": 4,
+                                                  "maxItems": 4}, {"type": "string"}]},
+                                "GOT-OCR2: read only this region, [x1, y1, x2, y2] in pixels."),
+        "ocr_color": OcrParameter(_choice(GOT_COLORS), {"enum": list(GOT_COLORS)},
+                                  "GOT-OCR2: read only text of this colour."),
+    },
 }
+# Every OCR parameter of any engine, for the API document.
+OCR_PARAMETERS: Mapping[str, OcrParameter] = {name: p for params in _BY_ENGINE.values() for name, p in params.items()}
 
 
 def parameter_names(spec: OcrSpec) -> list[str]:
@@ -141,7 +167,7 @@ def parse_ocr_params(spec: OcrSpec, raw: Mapping[str, Any]) -> OcrParams:
             f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for {spec.name}; "
             f"accepted: {', '.join(parsers)}", unknown[0],
         )
-    values = {name: parsers[name](name, value) for name, value in raw.items() if value is not None}
+    values = {name: parsers[name].parse(name, value) for name, value in raw.items() if value is not None}
     if spec.engine == "transformers" and values.get("detail"):
         raise InvalidRequest(f"detail: {spec.name} reads text without line boxes; detail=true needs PP-OCR",
                             "detail")

@@ -15,17 +15,23 @@ class Part:
 
     name = ""
     backends: frozenset[str] | None = None
-    backends_note = ""  # why, for the launch error on another backend
 
-    def __init__(self, family: Any, options: Any):
+    def __init__(self, family: Any, options: Any, spec: Any = None):
         self.family = family
         self.options = options
+        self.spec = spec  # the launched model's catalogue entry
         self.wake: Callable[[], None] = lambda: None  # set by the runner: makes its loop look at waiting jobs again
 
     @classmethod
     def enabled(cls, spec: Any, options: Any) -> bool:
         """Whether a launch of `spec` with `options` can use this part at all."""
         return True
+
+    @classmethod
+    def backends_for(cls, options: Any) -> tuple[frozenset[str] | None, str]:
+        """The backends a launch with `options` can run this part on (None: all) and the reason for the others;
+        read before any weights load. By default `backends`, whatever the options."""
+        return cls.backends, ""
 
     def used_by(self, request: "ImageRequest") -> bool:
         return False
@@ -42,10 +48,6 @@ class Part:
     def release(self, job_id: int) -> None:
         """The job left the executor (finished, failed or dropped), whether or not it used this part; may come
         more than once."""
-
-    def describe(self) -> dict[str, Any] | None:
-        """What `GET /v1/models/{uid}` shows about this part (None: nothing)."""
-        return None
 
     def metrics(self) -> tuple[tuple[str, str, float], ...]:
         """Extra /metrics figures: (name, help, value); names ending in _total are counters."""
@@ -69,3 +71,11 @@ class Part:
 
     def after_step(self, state: "JobState") -> None:
         """Called after each sampler step of a job using this part."""
+
+    def example_inputs(self, inputs: dict, width: int, height: int) -> list[dict]:
+        """Forward inputs with what this part adds (none by default): the graph variants a backend warms up."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready facts for the model's description (GET /v1/models/{uid})."""
+        return {}

@@ -15,7 +15,7 @@ import torch
 
 from ..catalogue import IMAGE2IMAGE, INPAINTING
 from ..errors import InvalidRequest
-from ..schema import DEFAULT_STRENGTH
+from ..schema import strength_of
 from .base import Part
 
 
@@ -50,8 +50,8 @@ class InitImage(Part):
         request, family, sampler = state.job.request, self.family, state.sampler
         width, height = request.width, request.height
         image_latents = family.encode_image(request.image, width, height, state.generator)
-        strength = request.strength if request.strength is not None else DEFAULT_STRENGTH[request.mode]
-        start = (request.steps - min(int(request.steps * strength), request.steps)) * sampler.order
+        strength = strength_of(request)
+        start = (request.steps - family.spec.steps_kept(request.steps, strength)) * sampler.order
         state.timesteps = state.timesteps[start:]
         if len(state.timesteps) == 0:
             raise InvalidRequest(f"strength {strength} with {request.steps} steps leaves no step to run", "strength")

@@ -6,11 +6,12 @@ more than the server's limit. Every malformed body is a 4xx that says what to se
 
 from __future__ import annotations
 
-import json
 from typing import Any, NamedTuple
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
+
+from kiln.engine.textinput import TextInputError, parse_json
 
 from ..errors import ApiError, bad_request
 
@@ -24,8 +25,8 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     if not body.strip():
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
-        value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        value = parse_json(body)
+    except TextInputError as error:
         raise bad_request(f"the request body is not valid JSON: {error}", code="invalid_json") from None
     if not isinstance(value, dict):
         raise bad_request(f"the request body must be a JSON object, got {type(value).__name__}", code="invalid_json")

@@ -11,6 +11,7 @@ from kiln.engine.images import ImageStore
 if TYPE_CHECKING:
     from ..app import Settings
     from ..registry import ModelRegistry
+    from .sdapi import SdapiState
 
 
 def registry(request: Request) -> "ModelRegistry":
@@ -23,3 +24,13 @@ def settings(request: Request) -> "Settings":
 
 def store(request: Request) -> ImageStore:
     return request.app.state.store
+
+
+def base_url(request: Request) -> str:
+    """Where the `url`s Kiln hands out start: the configured public URL, else the request's own base (from its
+    Host header, which TrustedHosts has checked against the allowed hosts)."""
+    return settings(request).public_url or str(request.base_url)
+
+
+def sdapi(request: Request) -> "SdapiState":
+    return request.app.state.sdapi

@@ -1,18 +1,14 @@
-"""Model management, as Xinference's clients drive it: launch, list, describe, terminate, and the catalogue
-published as image model registrations."""
+"""Model management, as Xinference's clients and CLI drive it: launch (with its progress and cancel), list,
+describe, the instance records, terminate."""
 
 from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from kiln.engine.catalogue import CATALOGUE, OCR_CATALOGUE
-from kiln.engine.schema import PARAMETERS
-
-from ..errors import ApiError, bad_request
+from ..errors import bad_request
 from . import context
 from .bodies import read_json_object
-
 
 
 async def launch(request: Request) -> Response:
@@ -33,34 +29,42 @@ async def describe(request: Request) -> Response:
     return JSONResponse(context.registry(request).describe(request.path_params["uid"]))
 
 
+async def replicas(request: Request) -> Response:
+    """`GET /v1/models/{uid}/replicas` -> {"replica": N, "replicas": [{"id", "status", "pid", "node"}]}."""
+    description = context.registry(request).describe(request.path_params["uid"])
+    return JSONResponse({"replica": description["replica"], "replicas": description.get("replicas", [])})
+
+
+async def scale(request: Request) -> Response:
+    """`POST /v1/models/{uid}/replicas` {"replica": N}: change the replica count without restarting the others."""
+    body = await read_json_object(request)
+    if "replica" not in body:
+        raise bad_request('send {"replica": N}, the number of replicas wanted', "replica", "missing_parameter")
+    uid = request.path_params["uid"]
+    await context.registry(request).scale(uid, body["replica"])
+    return JSONResponse({"model_uid": uid, "replica": body["replica"]})
+
+
 async def terminate(request: Request) -> Response:
     """Xinference answers a terminate with a JSON null."""
     await context.registry(request).terminate(request.path_params["uid"])
     return JSONResponse(None)
 
 
-async def registrations(request: Request) -> Response:
-    """`[{"model_name", "is_builtin"}]`, sorted; `?detailed=true` adds each catalogue description."""
-    detailed = request.query_params.get("detailed", "false").lower() in ("true", "1")
-    return JSONResponse([_registration(name, detailed) for name in sorted(_REGISTRATIONS)])
+async def instances(request: Request) -> Response:
+    """`GET /v1/models/instances[?model_name=&model_uid=]`: Xinference's instance records, status CREATING,
+    LOADING, READY, ERROR, TERMINATING or TERMINATED (the last ones of ended models are kept a while)."""
+    query = request.query_params
+    return JSONResponse(context.registry(request).instances(query.get("model_name") or None,
+                                                            query.get("model_uid") or None))
 
 
-async def registration(request: Request) -> Response:
-    name = request.path_params["name"]
-    if name not in _REGISTRATIONS:
-        raise ApiError(404, f"no image model registration {name!r}; catalogue models: {', '.join(_REGISTRATIONS)}",
-                       param="model_name", code="model_not_found")
-    return JSONResponse(_registration(name, detailed=True))
+async def launch_progress(request: Request) -> Response:
+    """`{"progress": 0..1}` of a launch: the load stages done, what Xinference's CLI polls."""
+    return JSONResponse({"progress": context.registry(request).launch_progress(request.path_params["uid"])})
 
 
-# Xinference lists OCR models among image registrations too (model_type "image", ability "ocr").
-_REGISTRATIONS = {**CATALOGUE, **OCR_CATALOGUE}
-
-
-def _registration(name: str, detailed: bool) -> dict:
-    if not detailed:
-        return {"model_name": name, "is_builtin": True}
-    spec = _REGISTRATIONS[name]
-    generation = {"generation_parameters": list(PARAMETERS)} if name in CATALOGUE else {}
-    return {**spec.describe(), "model_type": "image", "is_builtin": True, **generation,
-            "default_launch_options": dict(spec.default_launch)}
+async def cancel(request: Request) -> Response:
+    """Cancel a launch under way: its uid is free at once, and its load stops at the next stage."""
+    context.registry(request).cancel(request.path_params["uid"])
+    return JSONResponse(None)

@@ -8,14 +8,16 @@ const POLL_MS = 500;
 let last = null; // {at, models} of the previous poll
 const peaks = new Map();
 
-/** {uid: {metric name: value}} from the exposition's per-model samples. */
+/** {uid: {metric name: value}} from the exposition's per-model samples; a model served by several replicas
+ * (kiln serve --ray) has one sample per replica, summed here. */
 export function parseMetrics(text) {
   const byModel = {};
   for (const line of text.split("\n")) {
-    const match = /^(kiln_[a-z_]+)\{model="((?:[^"\\]|\\.)*)"\} (\S+)$/.exec(line);
+    const match = /^(kiln_[a-z_]+)\{model="((?:[^"\\]|\\.)*)"(?:,replica="[^"]*")?\} (\S+)$/.exec(line);
     if (!match) continue;
     const [, name, uid, value] = match;
-    (byModel[uid] ||= {})[name] = Number(value);
+    const model = (byModel[uid] ||= {});
+    model[name] = (model[name] ?? 0) + Number(value);
   }
   return byModel;
 }

@@ -39,7 +39,7 @@ mix = [
   { model = "stable-diffusion-v1.5", size = "64x64", steps = 3, guidance = 1.0, weight = 1 },
 ]
 """
-SYSTEMS = ("kiln", "sequential", "static", "limit")
+SYSTEMS = ("kiln", "kiln+idle", "sequential", "static", "limit")
 PLANS = {"closed-c1": ("closed", 2), "closed-c3": ("closed", 6), "poisson": ("open", 5), "burst": ("burst", 4)}
 
 
@@ -50,7 +50,7 @@ def report(tmp_path_factory: pytest.TempPathFactory, tiny_root: Path) -> dict:
     scenario.write_text(SCENARIOS)
     output = folder / "report.json"
     code = main(["--scenario", str(scenario), "--output", str(output), "--no-memory-check", "--max-batch-size", "4",
-                 "--static-wait", "0.01"])
+                 "--static-wait", "0.01", "--idle-neighbours", "sd-turbo"])
     assert code == 0
     assert output.with_suffix(".png").stat().st_size > 0
     return json.loads(output.read_text())
@@ -86,11 +86,13 @@ def test_every_plan_has_every_system(report: dict) -> None:
     poisson = plans["poisson"]
     capacity = report["system_facts"]["kiln"][0]["capacity"]["poisson"]["images_per_s"]
     assert poisson["rate_images_per_s"] == pytest.approx(0.7 * capacity)
+    assert report["system_facts"]["kiln+idle"][0]["idle_neighbours"] == ["sd-turbo"]
+    assert report["system_facts"]["kiln"][0]["idle_neighbours"] == []
 
 
 def test_counts_add_up(report: dict) -> None:
     for plan in report["plans"]:
-        for name in ("kiln", "sequential", "static"):
+        for name in ("kiln", "kiln+idle", "sequential", "static"):
             figures = plan["systems"][name]
             assert figures["requests"] == plan["requests"], (plan["name"], name)
             assert figures["requests_ok"] + figures["requests_failed"] == figures["requests"]
@@ -124,7 +126,7 @@ def test_counts_add_up(report: dict) -> None:
 
 def test_percentiles_are_ordered(report: dict) -> None:
     for plan in report["plans"]:
-        for name in ("kiln", "sequential", "static"):
+        for name in ("kiln", "kiln+idle", "sequential", "static"):
             figures = plan["systems"][name]
             _ordered(figures["latency_s"])
             _ordered(figures["admission_s"])
@@ -146,10 +148,11 @@ def test_ratios_are_quotients_of_reported_figures(report: dict) -> None:
         for top, bottom in RATIOS:
             expected = systems[top]["images_per_s"] / systems[bottom]["images_per_s"]
             assert math.isclose(plan["ratios"][f"{top}/{bottom}"], expected, rel_tol=1e-12)
-        assert set(plan["cpu_ratios"]) == {"kiln/sequential", "kiln/static"}
-        for bottom in ("sequential", "static"):
-            expected = systems["kiln"]["images_per_cpu_s"] / systems[bottom]["images_per_cpu_s"]
-            assert math.isclose(plan["cpu_ratios"][f"kiln/{bottom}"], expected, rel_tol=1e-12)
+        with_cpu = [(top, bottom) for top, bottom in RATIOS if "limit" not in (top, bottom)]  # the limit has none
+        assert set(plan["cpu_ratios"]) == {f"{top}/{bottom}" for top, bottom in with_cpu}
+        for top, bottom in with_cpu:
+            expected = systems[top]["images_per_cpu_s"] / systems[bottom]["images_per_cpu_s"]
+            assert math.isclose(plan["cpu_ratios"][f"{top}/{bottom}"], expected, rel_tol=1e-12)
 
 
 def test_targets_are_reported(report: dict) -> None:

@@ -68,11 +68,13 @@ class KilnServer:
             self.process.wait()
 
 
-def start_server(log: Path, *args: str) -> KilnServer:
+def start_server(log: Path, *args: str, env: dict[str, str] | None = None) -> KilnServer:
+    """`kiln serve ARGS` on a free loopback port (`env` adds to its environment), once it answers /status."""
     port = _free_port()
     command = [sys.executable, "-m", "kiln.server.cli", "serve", "--port", str(port), "--threads", "1", *args]
     with log.open("w") as sink:
-        process = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=REPO, env={**_env(), **(env or {})}, stdout=sink,
+                                   stderr=subprocess.STDOUT)
     server = KilnServer(process, f"http://127.0.0.1:{port}", log)
     server.wait_for_status()
     return server

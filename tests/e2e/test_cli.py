@@ -129,5 +129,41 @@ def test_a_failed_load_reports_its_error_and_frees_the_uid(server: KilnServer, t
     result = run_kiln("launch", "-n", "sd-turbo", "-u", "t-broken", "--model-path", str(empty),
                       endpoint=server.endpoint)
     assert result.returncode == 1
-    assert "Failed to launch model" in result.stderr and "not-a-checkpoint" in result.stderr
-    assert "t-broken" not in run_kiln("list", endpoint=server.endpoint).stdout
+    assert "Failed to launch model: 400" in result.stderr and "not-a-checkpoint" in result.stderr
+    offload = run_kiln("launch", "-n", "sd-turbo", "-u", "t-offload", "--tiny", "true", "--cpu_offload", "True",
+                       endpoint=server.endpoint)
+    assert offload.returncode == 1 and "Failed to launch model: 400" in offload.stderr, offload.stderr
+    assert "cpu_offload" in offload.stderr
+    listing = run_kiln("list", endpoint=server.endpoint).stdout
+    assert "t-broken" not in listing and "t-offload" not in listing
+
+
+
+def test_launch_draws_its_progress(launched: KilnServer) -> None:
+    result = run_kiln("launch", "--model-name", "sd-turbo", "--model-uid", "t-progress", "--tiny", "True",
+                      endpoint=launched.endpoint)
+    assert result.returncode == 0, result.stderr
+    assert "Launching t-progress" in result.stderr and "100%" in result.stderr
+    assert run_kiln("terminate", "--model-uid", "t-progress", endpoint=launched.endpoint).returncode == 0
+
+
+def test_register_launch_and_unregister_a_custom_model(server: KilnServer, tmp_path: Path) -> None:
+    import json
+
+    from kiln.engine.tiny import tiny_checkpoint
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"model_name": "cli-sd", "model_ability": ["text2image"],
+                                "model_uri": str(tiny_checkpoint("sd-turbo"))}))
+    result = run_kiln("register", "--file", str(spec), "--persist", endpoint=server.endpoint)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Registered cli-sd (persisted)"
+    again = run_kiln("register", "--file", str(spec), endpoint=server.endpoint)
+    assert again.returncode == 1 and "already registered" in again.stderr
+    launched = run_kiln("launch", "--model-name", "cli-sd", endpoint=server.endpoint)
+    assert launched.stdout.strip() == "Model uid: cli-sd", launched.stderr
+    running = run_kiln("unregister", "cli-sd", endpoint=server.endpoint)
+    assert running.returncode == 1 and "terminate it first" in running.stderr
+    assert run_kiln("terminate", "--model-uid", "cli-sd", endpoint=server.endpoint).returncode == 0
+    result = run_kiln("unregister", "cli-sd", endpoint=server.endpoint)
+    assert result.returncode == 0 and result.stdout.strip() == "Unregistered cli-sd", result.stderr

@@ -17,6 +17,11 @@ def test_tiny_build_writes_the_requested_checkpoints(tmp_path: Path) -> None:
     )
     assert json.loads((tmp_path / "FLUX.1-schnell" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["FLUX.1-schnell", "sd-turbo"]
+    # A tiny ControlNet for each of the model's catalogue ControlNets (FLUX.1-schnell has none).
+    controlnets = tmp_path / "sd-turbo" / "controlnets"
+    assert sorted(path.name for path in controlnets.iterdir()) == ["canny", "depth", "hed", "openpose", "scribble"]
+    assert json.loads((controlnets / "canny" / "config.json").read_text())["_class_name"] == "ControlNetModel"
+    assert not (tmp_path / "FLUX.1-schnell" / "controlnets").exists()
 
 
 def test_tiny_build_writes_tiny_loras_made_for_each_checkpoint(tmp_path: Path) -> None:

@@ -75,6 +75,14 @@ def test_buckets_are_powers_of_two_up_to_max_rows():
         bucket_for(7, (1, 2, 4, 6))
 
 
+def test_fine_buckets_pad_at_most_a_third():
+    """CUDA graphs' buckets: padded rows cost real compute on a GPU, so 3, 6, 12, ... sit between the powers."""
+    assert batch_buckets(32, fine=True) == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+    assert batch_buckets(128, fine=True)[-4:] == (48, 64, 96, 128)
+    buckets = batch_buckets(128, fine=True)
+    assert max((bucket_for(rows, buckets) - rows) / bucket_for(rows, buckets) for rows in range(1, 129)) < 1 / 3
+
+
 def test_padding_repeats_the_last_row_and_leaves_shared_inputs():
     x, ids = torch.arange(6.0).reshape(3, 2), torch.zeros(5, 3)
     padded, shared = pad_rows([x, ids], ["x", "ids"], frozenset({"ids"}), 5)
@@ -190,6 +198,22 @@ def test_compile_runner_is_batch_invariant_without_recompiling(tiny_root, monkey
         runner.close()
 
 
+def test_a_shape_whose_cuda_graph_cannot_be_captured_runs_compiled_without_one(runner_for):
+    """The fallback path of the CUDA-graph capture, exercised where every capture fails: on a CPU."""
+    family = runner_for(FAMILY_MODELS["sd"]).executor.family
+    denoiser = unwrap(family.denoiser)
+    backend = CompileBackend(denoiser, max_rows=4, compiler="eager", graphs=True)
+    assert backend.buckets == (1, 2, 3, 4)
+    backend.warmup(ExampleInputs(family, 64, 64), 4)
+    with torch.no_grad():
+        for rows in (1, 3, 5):
+            inputs = mixed_inputs(family, rows, seed=rows)
+            assert torch.allclose(backend(*inputs), denoiser(*inputs), atol=1e-5)
+    graphs = backend.describe()["cuda_graphs"]
+    assert graphs["captured"] == 0 and len(graphs["failed"]) == 4  # one per bucket at 64x64, each with its reason
+    assert all(reason for reason in graphs["failed"].values())
+
+
 @slow
 def test_inductor_compile_matches_eager(runner_for):
     family = runner_for(FAMILY_MODELS["sd"]).executor.family
@@ -203,9 +227,10 @@ def test_inductor_compile_matches_eager(runner_for):
 
 
 # --- the launch option ------------------------------------------------------------------------------------------
-def test_auto_runs_eager_on_the_cpu(runner_for):
+def test_auto_on_the_cpu_runs_the_backend_it_measured_fastest(runner_for):
     info = runner_for(FAMILY_MODELS["sd"]).backend_info
-    assert info["requested"] == "auto" and info["backend"] == "eager" and info["attention"] == "sdpa"
+    assert info["requested"] == "auto" and info["backend"] == info["auto"]["chosen"] and info["attention"] == "sdpa"
+    assert set(info["auto"]["forward_ms"]) == {"eager", "onnx", "openvino"}  # tests/engine/test_auto_backend.py
 
 
 def test_rows_per_forward_follow_cfg(runner_for):

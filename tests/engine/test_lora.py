@@ -227,6 +227,38 @@ def test_a_row_without_lora_is_untouched_by_strong_neighbours(lora_runner, runne
     assert max_diff(pixels(handle), alone) <= PIXEL_TOLERANCE
 
 
+def test_loras_and_controlnets_share_forwards(tiny_lora_dir):
+    """One model launched with a ControlNet and per-row LoRAs: jobs with a LoRA, a ControlNet unit, both, or
+    neither share forwards; each image equals its solo image, and LoRA and ControlNet each change it."""
+    from kiln.engine.controlnet_units import ControlUnit, complete_units, part_inputs
+
+    from .test_controlnet import control_image
+
+    runner = make_runner(SD, controlnet=("canny",), max_loras=2, lora_default="none",
+                         peft_model_config={"lora_list": lora_list(tiny_lora_dir(SD), "style", "text")})
+    try:
+        unit = part_inputs(complete_units([ControlUnit("canny", control_image(0))], {}, ["canny"]))
+
+        def job(seed, lora=False, control=False):
+            inputs = {**(with_loras(("style", 0.9), ("text", 0.6)) if lora else {}), **(unit if control else {})}
+            return ImageRequest("a fox", 64, 64, 4, 7.5, seed=seed, part_inputs=inputs)
+
+        kinds = [(False, False), (True, False), (False, True), (True, True)]
+        alone = [pixels(run_alone(runner, job(3, *kind))) for kind in kinds]
+        for first in range(4):
+            for second in range(first + 1, 4):
+                assert max_diff(alone[first], alone[second]) > 10 * PIXEL_TOLERANCE, (kinds[first], kinds[second])
+        forwards = dict(runner.counters.forward_rows)
+        handles = [runner.submit(job(3, *kind)) for kind in kinds]
+        drive(runner, lambda: all(h.future.done() for h in handles))
+        assert all(max_diff(pixels(h), image) <= PIXEL_TOLERANCE for h, image in zip(handles, alone))
+        shared = {rows for rows, count in runner.counters.forward_rows.items() if count > forwards.get(rows, 0)}
+        assert max(shared) == 8  # the four jobs' CFG rows in one forward
+        assert runner.describe()["lora"]["mode"] == "per-row" and runner.describe()["controlnet"]
+    finally:
+        runner.close()
+
+
 # --- residency ----------------------------------------------------------------------------------------------------
 def test_a_job_waits_for_its_slot_and_never_starts_without_it(tiny_lora_dir):
     """One slot: a job with another LoRA waits while the slot's LoRA runs (jobs without LoRA pass it), then
@@ -235,7 +267,7 @@ def test_a_job_waits_for_its_slot_and_never_starts_without_it(tiny_lora_dir):
                          max_loras=1, max_loras_per_request=1, lora_default="none")
     try:
         part = lora_part(runner)
-        assert part.describe()["resident"] == ["style"]
+        assert runner.describe()["lora"]["resident"] == ["style"]
         first = runner.submit(request(steps=6, loras=[("style", 1.0)]))
         runner.iterate()
         waiting = runner.submit(request(steps=3, seed=9, loras=[("detail", 1.0)]))
@@ -320,7 +352,8 @@ def test_fused_onnx_runs_the_fused_weights_and_keys_its_cache_on_them(tiny_lora_
     try:
         assert onnx.backend_info["backend"] == "onnx"
         assert max_diff(pixels(run_alone(onnx, request())), pixels(run_alone(eager, request()))) <= PIXEL_TOLERANCE
-        keys = [json.loads(meta.read_text())["key"]["parts"]["weights"] for meta in tmp_path.glob("engines/**/meta.json")]
+        metas = tmp_path.glob("engines/**/meta.json")
+        keys = [json.loads(meta.read_text())["key"]["parts"]["weights"] for meta in metas]
         assert keys and all("+lora-" in key for key in keys)
     finally:
         onnx.close()
@@ -397,7 +430,8 @@ def test_slot_layers_match_peft_mixed_batch(way):
 
 
 @pytest.mark.skipif(not os.environ.get("KILN_SLOW_TESTS"),
-                    reason="slow: torch.compile with inductor takes minutes per bucket on 2 cores; set KILN_SLOW_TESTS=1")
+                    reason="slow: torch.compile with inductor takes minutes per bucket on 2 cores; "
+                    "set KILN_SLOW_TESTS=1")
 def test_inductor_per_row_matches_eager(tiny_lora_dir):
     """The same as above with inductor itself: slot buffers and the selection are graph inputs (in-place swaps
     are seen, nothing is frozen into the compiled code)."""

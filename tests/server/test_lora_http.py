@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 
-import httpx
 import numpy as np
 import pytest
 from openai import BadRequestError, OpenAI
@@ -66,6 +65,23 @@ def test_openai_sdk_picks_loras_per_request(lora_model, sdk, kiln):
     result = handle.text_to_image("a red fox", size="64*64", response_format="b64_json", lora_name="style",
                                   lora_scale=0.8, **STEPS)
     assert same_image(styled, Image.open(io.BytesIO(base64.b64decode(result["data"][0]["b64_json"]))))
+
+
+def test_a1111_prompt_tags_pick_the_loras(lora_model, sdk, kiln):
+    """webuiapi's txt2img with <lora:style:0.8> in the prompt: the image of lora [style@0.8] on the OpenAI route
+    (same seed, prompt without the tag, A1111's sampler), and another than without the tag."""
+    import webuiapi
+
+    api = webuiapi.WebUIApi(baseurl=f"{kiln.url}/sdapi/v1")
+    common = dict(seed=21, steps=3, width=64, height=64, cfg_scale=7.5,
+                  override_settings={"sd_model_checkpoint": "lora15"})
+    tagged = api.txt2img(prompt="a red fox <lora:style:0.8>", **common).image.convert("RGB")
+    plain = api.txt2img(prompt="a red fox", **common).image.convert("RGB")
+    assert not same_image(tagged, plain)
+    assert same_image(tagged, generate(sdk, lora=[{"name": "style", "scale": 0.8}], sampler_name="Euler a",
+                                       guidance_scale=7.5))
+    missing = kiln.http.post("/sdapi/v1/txt2img", json={"prompt": "a fox <lora:nope>", "model": "lora15", **common})
+    assert_error(missing, 400, "unknown LoRA 'nope'", "available: style, text")
 
 
 @pytest.mark.parametrize(("path", "mask"), [("/v1/images/variations", None),
@@ -155,3 +171,15 @@ def test_images_differ_from_the_plain_model(lora_model, sdk, kiln):
         "model": "sd15", "prompt": "a red fox", "size": "64x64", "response_format": "b64_json", **STEPS})
     image = Image.open(io.BytesIO(base64.b64decode(plain.json()["data"][0]["b64_json"]))).convert("RGB")
     assert np.array_equal(np.asarray(image), np.asarray(generate(sdk)))
+
+
+def test_a_model_launched_without_loras(kiln):
+    """lora [] (or none) is a plain request there; naming a LoRA is a 400 that says how to launch with LoRAs."""
+    body = {"model": "sd15", "prompt": "a red fox", "size": "64x64", "response_format": "b64_json", **STEPS}
+    plain = kiln.http.post("/v1/images/generations", json=body)
+    empty = kiln.http.post("/v1/images/generations", json={**body, "lora": []})
+    assert plain.status_code == empty.status_code == 200, empty.text
+    assert plain.json()["data"][0]["b64_json"] == empty.json()["data"][0]["b64_json"]
+    for named in ({"lora": [{"name": "style"}]}, {"lora_name": "style", "lora_scale": 0.5}):
+        refused = kiln.http.post("/v1/images/generations", json={**body, **named})
+        assert_error(refused, 400, "launched without LoRAs", "peft_model_config", "lora_dir")

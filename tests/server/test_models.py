@@ -36,6 +36,9 @@ def test_list_and_describe(http: httpx.Client) -> None:
     assert description["model_name"] == "stable-diffusion-v1.5" and isinstance(description["created"], int)
     assert description["model_ability"] == ["text2image", "image2image", "inpainting"]
     assert by_id["sd"]["model_ability"] == ["text2image"]
+    backend = description["backend"]  # what runs the denoiser; auto says what it measured (test_auto_backend.py)
+    assert backend["requested"] == "auto" and backend["backend"] == backend["auto"]["chosen"]
+    assert backend["auto"]["why"] and backend["auto"]["forward_ms"]["eager"]
 
 
 def test_unknown_uid_is_404_listing_running_uids(http: httpx.Client) -> None:
@@ -75,10 +78,12 @@ def test_uid_defaults_to_the_model_name(http: httpx.Client) -> None:
         ({"model_name": "sd-9000"}, "model_name", ["sd-9000", "sd-turbo", "FLUX.1-dev"]),
         ({"model_name": "sd-turbo", "model_type": "LLM"}, "model_type", ["model_type", "image"]),
         ({"model_name": "sd-turbo", "model_uid": "a/b"}, "model_uid", ["model_uid"]),
-        ({"model_name": "sd-turbo", "replica": 2}, "replica", ["replica=2", "not supported"]),
+        ({"model_name": "sd-turbo", "replica": 2}, "replica", ["replica=2", "not supported", "kiln serve --ray"]),
+        ({"model_name": "sd-turbo", "gpu_idx": [0]}, "gpu_idx", ["gpu_idx", "kiln serve --ray"]),
         ({"model_name": "sd-turbo", "n_gpu": 4}, "n_gpu", ["n_gpu"]),
         ({"model_name": "sd-turbo", "model_engine": "vLLM"}, "model_engine", ["model_engine", "diffusers"]),
-        ({"model_name": "sd-turbo", "peft_model_config": {"lora_list": [1]}}, "peft_model_config", ["peft"]),
+        ({"model_name": "sd-turbo", "peft_model_config": {"lora_list": [1]}}, "peft_model_config.lora_list",
+         ["peft_model_config.lora_list[0]", "lora_name and local_path"]),
         ({"model_name": "sd-turbo", "torch_dtype": "float8"}, "torch_dtype", ["torch_dtype", "float16"]),
         ({"model_name": "sd-turbo", "max_batch_size": 0}, "max_batch_size", ["max_batch_size"]),
         ({"model_name": "sd-turbo", "warp_factor": 9}, "warp_factor", ["warp_factor"]),
@@ -91,6 +96,12 @@ def test_launch_errors(http: httpx.Client, body: dict, param: str | None, words:
     assert error["param"] == param
     after = {item["id"] for item in http.get("/v1/models").json()["data"]}
     assert after == before
+
+
+def test_one_process_cannot_change_a_replica_count(http: httpx.Client) -> None:
+    assert http.get("/v1/models/sd/replicas").json() == {"replica": 1, "replicas": []}
+    assert_error(http.post("/v1/models/sd/replicas", json={"replica": 2}), 400, "one process", "kiln serve --ray")
+    assert_error(http.post("/v1/models/nobody/replicas", json={"replica": 2}), 404, "nobody")
 
 
 def test_launch_body_must_be_json(http: httpx.Client) -> None:
@@ -111,7 +122,9 @@ def test_failed_load_without_wait_ready_is_reported_on_describe_and_requests(htt
     wait_until(lambda: http.get("/v1/models/broken-later").json()["status"] == "failed", "load failure")
     description = http.get("/v1/models/broken-later").json()
     assert str(tmp_path) in description["error"]
-    error = assert_error(http.post("/v1/images/generations", json={**GENERATE, "model": "broken-later"}), 500,
+    wait_until(lambda: http.post("/v1/images/generations", json={**GENERATE, "model": "broken-later"}).status_code
+               != 503, "the load task to end")
+    error = assert_error(http.post("/v1/images/generations", json={**GENERATE, "model": "broken-later"}), 400,
                          "broken-later", "failed to load", str(tmp_path))
     assert error["code"] == "model_load_failed"
     assert http.delete("/v1/models/broken-later").status_code == 200
@@ -235,9 +248,13 @@ class ForwardingEndpoint:
     status = property(lambda self: self._runner.status)
     error = property(lambda self: self._runner.error)
     created = property(lambda self: self._runner.created)
+    load_progress = property(lambda self: self._runner.load_progress)
 
     def load(self):
         self._runner.load()
+
+    def cancel_load(self):
+        return self._runner.cancel_load()
 
     def close(self):
         self._runner.close()
@@ -270,5 +287,6 @@ def test_the_registry_serves_any_model_endpoint(server_factory) -> None:
     assert server.http.post("/v1/images/generations", json=body).status_code == 200
     assert server.http.get("/v1/requests/through-the-protocol/progress").json() == {"progress": 1.0}
     assert server.http.get("/v1/models/sd-turbo").json()["forwarded"] is True
+    assert server.http.get("/v1/models/sd-turbo/progress").json() == {"progress": 1.0}
     assert 'kiln_images_generated_total{model="sd-turbo"} 1' in server.http.get("/metrics").text
     assert server.http.delete("/v1/models/sd-turbo").status_code == 200

@@ -75,7 +75,7 @@ def test_a_client_that_disconnects_cancels_its_request(http: httpx.Client, kiln)
     body = json.dumps(long_request(request_id)).encode()
     port = int(kiln.url.rsplit(":", 1)[1])
     client = socket.create_connection(("127.0.0.1", port))
-    client.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    client.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     wait_until(lambda: http.get(f"/v1/requests/{request_id}/progress").status_code == 200
                and progress(http, request_id) > 0, "the request to start denoising")

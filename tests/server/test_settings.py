@@ -11,7 +11,7 @@ import pytest
 from kiln.server.app import Settings
 from kiln.engine.schema import Limits
 
-from .server_helpers import assert_error, decode, png_bytes, wait_until
+from .server_helpers import assert_error, decode, metric, png_bytes, wait_until
 
 GOOD = {"model": "sd15", "prompt": "a barn", "size": "64x64", "num_inference_steps": 2}
 
@@ -27,9 +27,37 @@ def test_url_responses_are_fetchable_http_urls(http: httpx.Client, kiln) -> None
         assert decode(fetched.content, "WEBP").size == (64, 64)
 
 
-def test_urls_use_the_request_host(http: httpx.Client) -> None:
-    response = http.post("/v1/images/generations", json=GOOD, headers={"Host": "images.example:8080"})
+def test_urls_use_an_allowed_request_host(kiln, server_factory) -> None:
+    server = server_factory(kiln.app.state.registry, Settings(allowed_hosts=("images.example", "127.0.0.1")))
+    response = server.http.post("/v1/images/generations", json=GOOD, headers={"Host": "images.example:8080"})
     assert response.json()["data"][0]["url"].startswith("http://images.example:8080/v1/images/files/")
+
+
+def test_a_foreign_host_gets_400_and_no_url(http: httpx.Client) -> None:
+    """The default allows localhost and 127.0.0.1 only (`kiln serve` adds its bound host)."""
+    before = metric(http, "kiln_images_generated_total", "sd15")
+    for host in ("evil.example:1234", "evil.example", "127.0.0.1.evil.example", ""):
+        response = http.post("/v1/images/generations", json=GOOD, headers={"Host": host})
+        error = assert_error(response, 400, "Host", "--allowed-hosts")
+        assert error["code"] == "invalid_host" and "evil" not in response.headers.get("location", "")
+    assert metric(http, "kiln_images_generated_total", "sd15") == before
+    assert http.get("/status", headers={"Host": "localhost:1"}).status_code == 200
+
+
+def test_any_host_with_a_star(kiln, server_factory) -> None:
+    server = server_factory(kiln.app.state.registry, Settings(allowed_hosts=("*",)))
+    response = server.http.post("/v1/images/generations", json=GOOD, headers={"Host": "anything.example"})
+    assert response.json()["data"][0]["url"].startswith("http://anything.example/v1/images/files/")
+
+
+def test_the_public_url_is_the_base_of_every_url(kiln, server_factory) -> None:
+    server = server_factory(kiln.app.state.registry,
+                            Settings(public_url="https://images.example.com/kiln/", allowed_hosts=("*",)))
+    for headers in ({}, {"Host": "other.example"}, {"X-Forwarded-Host": "evil.example"}):
+        url = server.http.post("/v1/images/generations", json=GOOD, headers=headers).json()["data"][0]["url"]
+        assert url.startswith("https://images.example.com/kiln/v1/images/files/"), url
+        name = url.rsplit("/", 1)[1]
+        assert server.http.get(f"/v1/images/files/{name}").status_code == 200
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "x.png",
@@ -100,3 +128,13 @@ def test_api_keys(kiln, server_factory) -> None:
         assert_error(server.http.get("/v1/models", headers=headers), 401, "API key")
     assert server.http.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
     assert kiln.http.get("/v1/cluster/auth").json() == {"auth": False}
+
+
+def test_image_urls_are_readable_without_a_key(kiln, server_factory) -> None:
+    """An <img> cannot send a header: the file URLs are unguessable, expiring capabilities instead."""
+    server = server_factory(kiln.app.state.registry, Settings(api_keys=frozenset({"sesame"})))
+    assert_error(server.http.post("/v1/images/generations", json=GOOD), 401, "API key")
+    response = server.http.post("/v1/images/generations", json=GOOD, headers={"Authorization": "Bearer sesame"})
+    url = response.json()["data"][0]["url"]
+    assert httpx.get(url).status_code == 200
+    assert_error(httpx.get(url.rsplit("/", 1)[0] + "/AAAAAAAAAAAAAAAAAAAAAA.png"), 404, "expired")

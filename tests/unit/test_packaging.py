@@ -8,7 +8,7 @@ import sys
 PROBE = """
 import importlib.util, logging
 logging.basicConfig(level=logging.DEBUG)
-top_level = [name for name in ("engine", "server", "kernels", "benchmarks") if importlib.util.find_spec(name)]
+top_level = [name for name in ("engine", "server", "kernels", "benchmarks", "cluster") if importlib.util.find_spec(name)]
 import kiln.engine.loading, kiln.kernels.attention, kiln.server.app, kiln.benchmarks.cli
 import bitsandbytes
 print(top_level)

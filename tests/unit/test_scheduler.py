@@ -12,7 +12,7 @@ import pytest
 
 from kiln.engine.errors import EngineError, QueueFull, RequestAborted
 from kiln.engine.requests import ImageRequest, LaneKey, job_specs
-from kiln.engine.scheduler import Failed, Finished, Preview, Progress, Scheduler, StepPlan, StepResult
+from kiln.engine.scheduler import Failed, Finished, Preview, Progress, Scheduler, StepResult
 
 
 def jobs(n=1, size=64, request_id=None):

@@ -92,6 +92,19 @@ def test_limits_bound_both_sides() -> None:
         check_request(spec, ImageRequest("x", 64, 64, 4, 0.0), tight)
 
 
+def test_the_steps_an_image_to_image_request_keeps_are_rounded_as_its_family_rounds() -> None:
+    """3 steps at strength 0.2: a UNet pipeline keeps int(0.6) = 0 steps (refused), a flow-matching one skips
+    int(2.4) = 2 and runs the last."""
+    image = object()  # any non-None image makes the request image to image; the check reads no pixels
+    request = ImageRequest("x", 64, 64, 3, 1.0, image=image, strength=0.2)
+    with pytest.raises(InvalidRequest, match="runs no denoising step") as refused:
+        check_request(get_spec("sd-turbo"), request, Limits())
+    assert refused.value.param == "num_inference_steps"
+    check_request(get_spec("sd3-medium"), request, Limits())
+    assert get_spec("FLUX.1-schnell").family.steps_kept(4, 0.3) == 2
+    assert get_spec("stable-diffusion-v1.5").family.steps_kept(4, 0.3) == 1
+
+
 def test_one_reading_of_integers_and_booleans_for_requests_ocr_and_launch_options() -> None:
     from kiln.engine.catalogue import OCR_CATALOGUE
     from kiln.engine.ocr import parse_ocr_params

@@ -40,14 +40,10 @@ _WAITS_REMEMBERED = 4096
 class LoraPart(Part):
     name = "lora"
 
-    def __init__(self, family: Any, options: Any):
-        super().__init__(family, options)
+    def __init__(self, family: Any, options: Any, spec: Any = None):
+        super().__init__(family, options, spec)
         self.config = config = options.lora
         self.mode = "per-row" if config.per_row else "fused" if config.loras else "off"
-        if self.mode == "per-row":
-            self.backends = PER_ROW_BACKENDS
-            self.backends_note = ("per-row LoRAs (max_loras >= 1) run on eager or compile; with max_loras 0 the "
-                                  "launch LoRAs are fused and every backend runs them")
         self.default: Selection = config.default_selection()
         self.denoiser = family.spec.denoiser
         self.loader = loader_of(family.spec)
@@ -63,6 +59,15 @@ class LoraPart(Part):
             self._fuse(adapters)
         elif self.mode == "per-row":
             self._install(adapters, options)
+
+    @classmethod
+    def backends_for(cls, options: Any) -> tuple[frozenset[str] | None, str]:
+        """Per-row slot layers take per-row selections the exported graphs do not have; fused LoRAs are plain
+        weights every backend runs."""
+        if options.lora.per_row:
+            return PER_ROW_BACKENDS, ("per-row LoRAs (max_loras >= 1) run on eager or compile; with max_loras 0 "
+                                      "the launch LoRAs are fused and every backend runs them")
+        return None, ""
 
     # --- load -------------------------------------------------------------------------------------------------
     def _read(self, name: str, path: str) -> Adapter:
@@ -176,7 +181,7 @@ class LoraPart(Part):
         fused = ", ".join(f"{n}@{s:g}" for n, s in self.default)
         return (f"this model runs its LoRAs fused (max_loras 0, as Xinference): every request gets {fused}, so "
                 f"lora ({asked}) cannot apply. LoRAs chosen per request need per-row mode: launch with max_loras "
-                "of 1 or more and backend eager or compile (onnx and tensorrt run fused LoRAs only)")
+                "of 1 or more and backend eager or compile (onnx, openvino and tensorrt run fused LoRAs only)")
 
     def lane_key(self, request):
         """None: rows with any LoRAs share lanes; with lora_batching per-config, the LoRA set (the peers' way)."""
@@ -255,9 +260,9 @@ class LoraPart(Part):
         self.rows.set([state.parts.get(self.name, ((), ())) for state, _ in batch.rows])
 
     # --- what the model shows ---------------------------------------------------------------------------------
-    def describe(self) -> dict[str, Any] | None:
+    def describe(self) -> dict[str, Any]:
         if self.mode == "off":
-            return None
+            return {}
         config = self.config
         info: dict[str, Any] = {
             "mode": self.mode,
@@ -265,13 +270,12 @@ class LoraPart(Part):
             "default": [{"name": name, "scale": scale} for name, scale in self.default],
         }
         if self.mode == "fused":
-            info["fused"] = [name for name, _ in self.default]
-            return info
+            return {"lora": {**info, "fused": [name for name, _ in self.default]}}
         slot_bytes = sum(b.nbytes for layer in self.layers.values() for b in (layer.lora_a, layer.lora_b))
-        return {**info, "resident": self.slots.resident, "max_loras": config.max_loras,
+        return {"lora": {**info, "resident": self.slots.resident, "max_loras": config.max_loras,
                 "max_lora_rank": config.max_lora_rank, "max_loras_per_request": config.max_loras_per_request,
                 "max_cpu_loras": config.max_cpu_loras, "lora_dir": config.lora_dir, "adapted_layers": len(self.layers),
-                "slot_bytes": slot_bytes}
+                "slot_bytes": slot_bytes}}
 
     def metrics(self) -> tuple[tuple[str, str, float], ...]:
         if self.mode != "per-row":

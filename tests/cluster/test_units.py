@@ -1,0 +1,179 @@
+"""kiln.cluster without a cluster: the launch-field rules, Serve settings, the wire format, the retry rule, the
+routing policy, the health rule on a real runner, the Serve config, and that the front imports neither torch
+nor (until a command runs) Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from kiln.cluster import placement as p
+from kiln.cluster.front import should_retry
+from kiln.cluster.health import StallWatch, Unhealthy
+from kiln.cluster.wire import error_event, image_request, raise_error, request_payload, request_work
+from kiln.engine.errors import EngineError, InvalidRequest, QueueFull, RequestAborted
+from kiln.engine.requests import ImageRequest
+
+ONE_NODE = p.ClusterView(("10.0.0.1",), gpus=4)
+TWO_NODES = p.ClusterView(("10.0.0.1", "10.0.0.2"), gpus=0)
+
+
+def place(cluster: p.ClusterView = ONE_NODE, **fields) -> p.Placement:
+    body = {"model_name": "sd-turbo", **fields}
+    placement = p.parse_placement(body, cluster)
+    assert set(body) == {"model_name"}  # the scale-out fields are taken out of the launch body
+    return placement
+
+
+def test_launch_fields_map_to_a_placement() -> None:
+    assert place() == p.Placement(replicas=1, gpus_per_replica=1.0)  # n_gpu absent is auto: a GPU if any
+    assert place(n_gpu=None).gpus_per_replica == 0.0  # null: CPU, as Xinference's `--n-gpu none`
+    assert place(TWO_NODES, n_gpu="auto").gpus_per_replica == 0.0
+    assert place(replica=3, n_gpu=2, request_limits=4) == p.Placement(3, 2.0, request_limits=4)
+    assert place(gpu_idx=[0, 1], replica=2) == p.Placement(2, 0.0, (0, 1))
+    assert place(TWO_NODES, worker_ip="10.0.0.2").worker_ip == "10.0.0.2"
+
+
+@pytest.mark.parametrize(("cluster", "fields", "words"), [
+    (ONE_NODE, {"replica": 0}, ["replica", ">= 1"]),
+    (ONE_NODE, {"replica": True}, ["replica"]),
+    (ONE_NODE, {"n_gpu": 8}, ["n_gpu", "8 GPUs", "has 4"]),
+    (ONE_NODE, {"n_gpu": 1, "gpu_idx": [0]}, ["n_gpu or gpu_idx"]),
+    (TWO_NODES, {"gpu_idx": 0}, ["gpu_idx", "2 nodes", "worker_ip"]),
+    (TWO_NODES, {"gpu_idx": 0, "worker_ip": "10.0.0.1"}, ["no GPUs"]),
+    (TWO_NODES, {"worker_ip": "10.0.0.9"}, ["worker_ip", "10.0.0.1, 10.0.0.2"]),
+    (ONE_NODE, {"request_limits": 0}, ["request_limits"]),
+])
+def test_launch_fields_the_cluster_cannot_honour(cluster, fields, words) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        p.parse_placement(dict(fields), cluster)
+    assert raised.value.param == next(iter(fields)) or raised.value.param in fields
+    for word in words:
+        assert word in str(raised.value)
+
+
+def test_serve_defaults_are_replaced_explicitly() -> None:
+    """Serve's max_ongoing_requests default (5) would cap the service; its 20 s graceful shutdown would kill long
+    generations; endless constructor retries would hide a model that cannot load."""
+    options = p.deployment_options(p.Placement(2, 0.0, worker_ip="10.0.0.2"), cpus_per_replica=0.5)
+    assert options["num_replicas"] == 2 and options["max_ongoing_requests"] >= 32
+    assert options["graceful_shutdown_timeout_s"] >= 300 and options["max_constructor_retry_count"] <= 3
+    assert options["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0, "resources": {"node:10.0.0.2": 0.001}}
+    ingress = p.ingress_options()
+    assert ingress["max_ongoing_requests"] >= 1000 and ingress["ray_actor_options"] == {"num_cpus": 0}
+    assert ingress["graceful_shutdown_timeout_s"] >= 300
+    assert p.device_for(p.Placement(2, 0.0, (3, 5)), 1) == "cuda:5" and p.device_for(p.Placement(), 0) is None
+
+
+def test_a_request_crosses_as_plain_data_with_its_seeds_drawn() -> None:
+    image = Image.new("RGB", (64, 64), (10, 20, 30))
+    request = ImageRequest("a fox", 64, 64, 20, 7.5, n=3, image=image, mask=Image.new("L", (64, 64), 255),
+                           strength=0.5, request_id="r1")
+    payload = request_payload(request)
+    assert len(payload["seed"]) == 3 and all(isinstance(seed, int) for seed in payload["seed"])
+    again = image_request(payload)
+    assert again.seed == payload["seed"] and again.request_id == "r1" and again.mode == "inpainting"
+    assert again.image.tobytes() == image.tobytes()
+    assert request_payload(ImageRequest("x", 64, 64, 4, 0.0, n=2, seed=7))["seed"] == [7, 8]
+    assert request_work(payload) == 3 * 10 * 64 * 64  # image to image runs steps x strength
+
+
+def test_engine_errors_cross_and_are_raised_again() -> None:
+    error = raise_error(error_event(InvalidRequest("bad size", "size", "invalid_size")))
+    assert isinstance(error, InvalidRequest) and (error.param, error.code) == ("size", "invalid_size")
+    for cls in (QueueFull, RequestAborted, EngineError):
+        assert type(raise_error(error_event(cls("x")))) is cls
+    assert str(raise_error(error_event(ZeroDivisionError("boom")))) == "ZeroDivisionError: boom"
+
+
+def test_a_request_is_retried_once_and_only_before_its_client_saw_anything() -> None:
+    assert should_retry(0, delivered=False)
+    assert not should_retry(1, delivered=False)
+    assert not should_retry(0, delivered=True)
+
+
+def test_routing_prefers_less_work_then_an_open_lane_that_is_not_too_busy() -> None:
+    pytest.importorskip("ray.serve")
+    from kiln.cluster.routing import rank
+
+    replicas = {"a": {"pending_work": 900.0, "open_lanes": [[64, 64]]}, "b": {"pending_work": 100.0},
+                "c": {"pending_work": 150.0, "open_lanes": [[64, 64]]}}
+    assert rank(replicas, [64, 64]) == ["c", "b", "a"]  # c's lane is open and its work within 2x of the least
+    assert rank(replicas, [128, 128]) == ["b", "c", "a"]
+    assert rank({}, None) == []
+
+
+def test_a_runner_that_stops_stepping_with_work_pending_is_unhealthy(tiny_root) -> None:
+    from kiln.engine.catalogue import CATALOGUE
+    from kiln.engine.options import LaunchOptions
+    from kiln.engine.runner import Runner
+
+    runner = Runner("stalled", CATALOGUE["sd-turbo"], LaunchOptions(tiny=True))
+    runner.load(start=False)  # no scheduler thread: nothing will step
+    now = [0.0]
+    watch = StallWatch(runner, stall_seconds=60, clock=lambda: now[0])
+    watch.check()
+    now[0] = 600.0
+    watch.check()  # idle: not stepping is fine
+    runner.submit(ImageRequest("x", 64, 64, 4, 0.0))
+    watch.check()
+    now[0] = 630.0
+    watch.check()
+    now[0] = 700.0
+    with pytest.raises(Unhealthy, match="1 images to work on"):
+        watch.check()
+    runner.iterate()  # a step: healthy again
+    watch.check()
+    runner.close()
+    with pytest.raises(Unhealthy, match="stopped"):
+        watch.check()
+
+
+def test_a_models_figures_sum_over_its_replicas_parts_included() -> None:
+    """ReplicaSet.stats() over two replicas' reports as they arrive (plain data): counters add, rows per forward
+    add per size, and the parts' figures (resident LoRAs, loads) add by name."""
+    import dataclasses
+    import time
+
+    from kiln.cluster.front import ReplicaSet
+    from kiln.engine.endpoint import EndpointStats
+
+    def report(replica, loads, rows):
+        stats = EndpointStats(images_generated=loads, forward_rows={4: rows},
+                              extra=(("kiln_lora_resident", "LoRAs in per-row slots.", 2),
+                                     ("kiln_lora_loads_total", "LoRAs copied into a slot.", loads)))
+        return {"replica": replica, "at": time.time(), "stats": json.loads(json.dumps(dataclasses.asdict(stats)))}
+
+    replicas = ReplicaSet.__new__(ReplicaSet)  # no Serve application: only the reports matter here
+    replicas._reports = {"a": report("a", 3, 1), "b": report("b", 5, 2)}
+    total = replicas.stats()
+    assert total.images_generated == 8 and total.forward_rows == {4: 3}
+    assert total.extra == (("kiln_lora_resident", "LoRAs in per-row slots.", 4),
+                           ("kiln_lora_loads_total", "LoRAs copied into a slot.", 8))
+
+
+def test_ray_config_is_a_serve_deploy_config(capsys) -> None:
+    from kiln.server.cli import main
+
+    assert main(["ray-config", "--launch", "sd-turbo", "--replica-cpus", "0.5", "--port", "8000"]) == 0
+    config = json.loads(capsys.readouterr().out)
+    app = config["applications"][0]
+    assert app["import_path"] == "kiln.cluster.ingress:build" and app["route_prefix"] == "/"
+    assert app["args"] == {"launch": [{"model_name": "sd-turbo"}], "cpus_per_replica": 0.5, "threads": None}
+    pytest.importorskip("ray.serve")
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    assert schema.http_options.port == 8000 and schema.proxy_location == "HeadOnly"
+
+
+def test_the_front_imports_neither_torch_nor_ray() -> None:
+    probe = ("import sys, kiln.server.app, kiln.server.cli, kiln.cluster.front, kiln.cluster.serve; "
+             "print(sorted({'torch', 'diffusers', 'ray'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
