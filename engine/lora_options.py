@@ -81,7 +81,7 @@ class LoraOptions:
     safe_fusing: bool = False
     max_loras: int = 0
     max_lora_rank: int = 64
-    max_cpu_loras: int = 0  # resolved: at least max_loras, max_loras_per_request and the launch list
+    max_cpu_loras: int = 0  # as given (0: not given); `host_capacity` is what the host library keeps
     max_loras_per_request: int = 3
     lora_dir: str | None = None
     lora_default: str = "all"
@@ -90,6 +90,12 @@ class LoraOptions:
     @property
     def per_row(self) -> bool:
         return self.max_loras > 0
+
+    @property
+    def host_capacity(self) -> int:
+        """Parsed LoRAs kept in host memory: max_cpu_loras, but never fewer than the slots, one request's LoRAs or
+        the launch list (which per-row mode keeps parsed to refill slots)."""
+        return max(self.max_cpu_loras, self.max_loras, self.max_loras_per_request, len(self.loras), 1)
 
     @property
     def configured(self) -> bool:
@@ -275,8 +281,6 @@ def parse_lora_options(raw: Mapping[str, Any]) -> LoraOptions:
     if given_cpu is not None and given_cpu < options.max_loras:
         raise LoraOptionError(f"launch option 'max_cpu_loras' ({given_cpu}) must be at least max_loras "
                               f"({options.max_loras}): slots are filled from host memory", "max_cpu_loras")
-    needed = max(options.max_loras, options.max_loras_per_request, len(options.loras), 1)
-    options = LoraOptions(**{**fields, "max_cpu_loras": max(given_cpu or 0, needed)})
     _check_modes(options)
     return options
 

@@ -36,7 +36,8 @@ def test_xinference_launch_field_and_defaults():
 
 def test_per_row_options():
     lora = launch(peft_model_config={"lora_list": LIST}, max_loras="4", max_lora_rank=16, lora_default="none")
-    assert lora.per_row and lora.max_loras == 4 and lora.max_cpu_loras == 4 and lora.default_selection() == ()
+    assert lora.per_row and lora.max_loras == 4 and lora.host_capacity == 4
+    assert lora.default_selection() == ()
 
 
 @pytest.mark.parametrize(("raw", "words"), [

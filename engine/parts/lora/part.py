@@ -274,7 +274,7 @@ class LoraPart(Part):
         slot_bytes = sum(b.nbytes for layer in self.layers.values() for b in (layer.lora_a, layer.lora_b))
         return {"lora": {**info, "resident": self.slots.resident, "max_loras": config.max_loras,
                 "max_lora_rank": config.max_lora_rank, "max_loras_per_request": config.max_loras_per_request,
-                "max_cpu_loras": config.max_cpu_loras, "lora_dir": config.lora_dir, "adapted_layers": len(self.layers),
+                "max_cpu_loras": config.host_capacity, "lora_dir": config.lora_dir, "adapted_layers": len(self.layers),
                 "slot_bytes": slot_bytes}}
 
     def metrics(self) -> tuple[tuple[str, str, float], ...]:

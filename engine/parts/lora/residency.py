@@ -123,7 +123,7 @@ class Library:
     def _keep(self, adapter: Adapter) -> None:
         self._host[adapter.name] = adapter
         self._host.move_to_end(adapter.name)
-        while len(self._host) > self.options.max_cpu_loras:
+        while len(self._host) > self.options.host_capacity:
             self._host.popitem(last=False)
 
 
