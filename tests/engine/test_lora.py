@@ -331,6 +331,7 @@ def test_lora_dir_loads_on_first_use_and_refuses_what_does_not_fit(tiny_lora_dir
     ("broken", {}, "broken.safetensors.*cannot be read"),
     ("style", {"max_lora_rank": 2}, "rank 4, above max_lora_rank 2"),
     ("style", {"backend": "onnx"}, "per-row LoRAs .* run on eager or compile"),
+    ("style", {"max_loras": 200_000}, r"per-row LoRA slots need [\d.]+ GiB \(200001 slots.*lower max_loras"),
 ])
 def test_launch_refuses_loras_that_cannot_run(tiny_lora_dir, tmp_path, file, options, words):
     sources = {"style": tiny_lora_dir(SD) / "style.safetensors", "foreign": tiny_lora_dir("sd-turbo") / "style.safetensors"}
@@ -341,7 +342,7 @@ def test_launch_refuses_loras_that_cannot_run(tiny_lora_dir, tmp_path, file, opt
         path.write_bytes(b"\x00" * 64)
     with pytest.raises(ModelLoadError, match=words):
         make_runner(SD, peft_model_config={"lora_list": [{"lora_name": file, "local_path": str(path)}]},
-                    max_loras=2, **options)
+                    **{"max_loras": 2, **options})
 
 
 def test_fused_onnx_runs_the_fused_weights_and_keys_its_cache_on_them(tiny_lora_dir, tmp_path, monkeypatch):

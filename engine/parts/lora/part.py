@@ -28,6 +28,7 @@ import torch
 
 from ...errors import InvalidRequest, ModelLoadError
 from ...lora_options import Selection, requested
+from ...memory import HEADROOM, free_bytes
 from ..base import Part
 from .files import Adapter, LoraFileError, loader_of, read_adapter, sites_of
 from .layers import RowSelection, SlotLayer, fuse, install
@@ -128,6 +129,7 @@ class LoraPart(Part):
             targets = {key for adapter in adapters for key in adapter.weights}
         rows = family.spec.rows_per_job * options.max_batch_size
         width, slots = config.max_loras_per_request, config.max_loras + 1
+        self._check_slot_memory(targets, slots)
         self.rows = RowSelection(rows, width, family.device, family.dtype)
         self.text = RowSelection(1, width, family.device, family.dtype)
         for component in self.sites:
@@ -138,6 +140,19 @@ class LoraPart(Part):
                 self.layers[(component, name)] = layer
         for adapter in adapters:
             self.slots.place(adapter)
+
+    def _check_slot_memory(self, targets: set[tuple[str, str]], slots: int) -> None:
+        """Refuse slots that cannot fit before allocating them: a launch error, not an out-of-memory crash."""
+        rank, family = self.config.max_lora_rank, self.family
+        sites = [self.sites[component][layer] for component, layer in targets]
+        per_slot = sum(rank * (site.in_features * math.prod(site.kernel) + site.out_features) for site in sites)
+        per_slot *= family.dtype.itemsize
+        free = free_bytes(family.device)
+        if free is not None and per_slot * slots > free * HEADROOM:
+            raise ModelLoadError(
+                f"per-row LoRA slots need {per_slot * slots / 2**30:.1f} GiB ({slots} slots, slot 0 included, at "
+                f"max_lora_rank {rank} over {len(targets)} layers), but {free / 2**30:.1f} GiB are free on "
+                f"{family.device}; lower max_loras or max_lora_rank")
 
     def _fill(self, slot: int, adapter: Adapter) -> None:
         started = time.perf_counter()
