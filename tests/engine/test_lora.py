@@ -332,9 +332,12 @@ def test_lora_dir_loads_on_first_use_and_refuses_what_does_not_fit(tiny_lora_dir
     ("style", {"max_lora_rank": 2}, "rank 4, above max_lora_rank 2"),
     ("style", {"backend": "onnx"}, "per-row LoRAs .* run on eager or compile"),
     ("style", {"max_loras": 200_000}, r"per-row LoRA slots need [\d.]+ GiB \(200001 slots.*lower max_loras"),
+    ("text", {"quantize_text_encoder": "text_encoder"}, r"text_encoder\.\S+, a Linear8bitLt layer, which takes no "
+     "LoRA.*without quantizing text_encoder"),
 ])
 def test_launch_refuses_loras_that_cannot_run(tiny_lora_dir, tmp_path, file, options, words):
-    sources = {"style": tiny_lora_dir(SD) / "style.safetensors", "foreign": tiny_lora_dir("sd-turbo") / "style.safetensors"}
+    sources = {name: tiny_lora_dir(SD) / f"{name}.safetensors" for name in ("style", "text")}
+    sources["foreign"] = tiny_lora_dir("sd-turbo") / "style.safetensors"
     path = tmp_path / f"{file}.safetensors"
     if file in sources:
         shutil.copy(sources[file], path)

@@ -46,12 +46,18 @@ class LoraFileError(InvalidRequest):
 
 @dataclass(frozen=True)
 class Site:
-    """A layer a LoRA may adapt (a plain Linear, or a Conv2d without groups or dilation) and its shape."""
+    """A layer a LoRA may adapt (a plain Linear, or a Conv2d without groups or dilation) and its shape; or, kind
+    "other", a Linear or Conv2d it cannot (quantized, grouped, dilated), kept to say so."""
 
-    kind: str  # "linear" or "conv"
+    kind: str  # "linear", "conv" or "other"
     in_features: int
     out_features: int
     kernel: tuple[int, ...] = ()
+    layer_type: str = ""
+
+    @property
+    def plain(self) -> bool:
+        return self.kind != "other"
 
     def fits(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         rank = a.shape[0]
@@ -70,12 +76,15 @@ Sites = Mapping[str, Mapping[str, Site]]  # component -> layer name -> site
 
 
 def adaptable(module: nn.Module) -> Site | None:
-    """The site of a layer per-row LoRA can adapt; None for others (quantized layers are subclasses)."""
+    """The site of a Linear or Conv2d layer (kind "other" where LoRA cannot adapt it: quantized layers are
+    subclasses); None for any other module."""
     if type(module) is nn.Linear:
         return Site("linear", module.in_features, module.out_features)
     if (type(module) is nn.Conv2d and module.groups == 1 and module.dilation == (1, 1)
             and module.padding_mode == "zeros"):
         return Site("conv", module.in_channels, module.out_channels, tuple(module.kernel_size))
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        return Site("other", 0, 0, layer_type=type(module).__name__)
     return None
 
 
@@ -84,7 +93,7 @@ def loader_of(family_spec: Any) -> type:
 
 
 def sites_of(pipeline: Any, loader: type) -> dict[str, dict[str, Site]]:
-    """Every adaptable layer of every component the family's LoRA files may adapt, by component."""
+    """Every Linear and Conv2d layer of every component the family's LoRA files may adapt, by component."""
     sites: dict[str, dict[str, Site]] = {}
     for component in loader._lora_loadable_modules:
         model = getattr(pipeline, component, None)
@@ -158,6 +167,10 @@ def read_adapter(name: str, path: str, loader: type, denoiser: str, sites: Sites
             if site is None:
                 raise LoraFileError(f"{shown} adapts {component}.{layer}, which this model does not have: it was "
                                     "made for another base model")
+            if not site.plain:
+                raise LoraFileError(f"{shown} adapts {component}.{layer}, a {site.layer_type} layer, which takes no "
+                                    "LoRA (only plain Linear and Conv2d layers do): launch the model without "
+                                    f"quantizing {component}")
             if not site.fits(a, b):
                 raise LoraFileError(f"{shown} does not fit {component}.{layer} ({site.describe()}): its A is "
                                     f"{tuple(a.shape)} and B {tuple(b.shape)}; it was made for another base model")
@@ -210,7 +223,8 @@ def _converted(part: dict, component: str, is_denoiser: bool, alphas: Mapping | 
     return part, config
 
 
-def _layers(part: Mapping[str, torch.Tensor], shown: str, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def _layers(part: Mapping[str, torch.Tensor], shown: str,
+            component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(A, B) per layer name; any other key (DoRA magnitudes, LoKr factors, LoRA biases, norms) is refused."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in part.items():

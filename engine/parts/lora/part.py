@@ -124,7 +124,7 @@ class LoraPart(Part):
         files may adapt any), then the launch LoRAs into slots."""
         config, family = self.config, self.family
         if config.lora_dir is not None:
-            targets = {(c, layer) for c, layers in self.sites.items() for layer in layers}
+            targets = {(c, layer) for c, layers in self.sites.items() for layer, site in layers.items() if site.plain}
         else:
             targets = {key for adapter in adapters for key in adapter.weights}
         rows = family.spec.rows_per_job * options.max_batch_size
