@@ -2,10 +2,10 @@
 per layer.
 
 Every adapted Linear/Conv2d is replaced by a wrapper that keeps the base layer and, as buffers, a stack of slots:
-A `[S, R, in(, kh, kw)]` and B (kept transposed, `[S, R, out]`), slot 0 all zeros, ranks zero-padded to R = max_lora_rank, alpha/r
-folded into B when an adapter is copied in (in place, so buffer addresses never change). Before each call the
-part writes, for every row, the K slots it uses and their scales into one `RowSelection` shared by the layers;
-each layer computes
+A `[S, R, in(, kh, kw)]` and B (kept transposed, `[S, R, out]`), slot 0 all zeros, ranks zero-padded to
+R = max_lora_rank, alpha/r folded into B when an adapter is copied in (in place, so buffer addresses never change).
+Before each call the part writes, for every row, the K slots it uses and their scales into one `RowSelection`
+shared by the layers; each layer computes
 
     y = base(x) + sum_k scale[:, k] * B[slot[:, k]] @ (A[slot[:, k]] @ x)
 
@@ -16,8 +16,9 @@ adapter touches, compute only the rank some row uses, and pick by cost (KERNEL_F
 (5 kernels), running the used slots densely for every row with per-row scales (3 kernels) and, for small
 layers, merging each row's delta weight sum_k scale_k B_k A_k and applying it with one batched matmul (2-3
 kernels). The last two run in float32 only: in half precision a neighbour's adapter could overflow into
-inf x 0 = NaN in a row that does not use it, so half precision always gathers. A row without LoRA therefore gets exactly its base output, whatever its neighbours
-carry. Rows must be the first dimension at every adapted layer, as in the denoisers and text encoders.
+inf x 0 = NaN in a row that does not use it, so half precision always gathers. A row without LoRA therefore
+gets exactly its base output, whatever its neighbours carry. Rows must be the first dimension at every adapted
+layer, as in the denoisers and text encoders.
 """
 
 from __future__ import annotations
