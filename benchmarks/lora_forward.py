@@ -1,10 +1,12 @@
-"""The forward overhead of per-row LoRA: `python -m kiln.benchmarks.lora_forward [--ranks 16 64] [--rows 32]`.
+"""The forward overhead of per-row LoRA: `python -m kiln.benchmarks.lora_forward [--ranks 16 64] [--rows 32]
+[--reference-size]`.
 
-One batched denoiser forward of tiny SD1.5 at 64x64 (`--rows` rows: 16 images with CFG by default) on a model
+One batched denoiser forward of SD1.5 at 64x64 (`--rows` rows: 16 images with CFG by default; the tiny checkpoint,
+or with `--reference-size` the real-size random-weight one `kiln bench --reference-size` builds) on a model
 launched without LoRAs and on models in per-row mode with four random LoRAs of each rank (made with peft,
 `init_lora_weights=False`, on the tiny LoRAs' layers: attention, feed-forward, proj_in and the resnet
 convolutions). Per rank: no row with a LoRA, every row one of the four (K=1), every row three stacked (K=3).
-The plain forward and every variant are timed in turns, one forward each per round, so a neighbour's load on a
+Each rank's model is timed in turns with the plain one, one forward each per round, so a neighbour's load on a
 shared machine falls on all of them alike; each figure is the median of `--repeat` rounds after warm-up. Prints
 a table and writes JSON.
 """
@@ -23,35 +25,36 @@ import torch
 MODEL = "stable-diffusion-v1.5"
 
 
-def _loras(rank: int, folder: Path) -> list[dict]:
-    """Four random LoRAs of `rank` on the tiny checkpoint, saved as diffusers files."""
+def _loras(checkpoint: Path, rank: int, folder: Path) -> list[dict]:
+    """Four random LoRAs of `rank` made on the checkpoint's UNet, saved as diffusers files."""
     from diffusers import DiffusionPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from kiln.engine.tiny import LORA_DENOISER_TARGETS, tiny_checkpoint
+    from kiln.engine.tiny import LORA_DENOISER_TARGETS
 
+    pipeline = DiffusionPipeline.from_pretrained(checkpoint)
     listed = []
     for index in range(4):
-        pipeline = DiffusionPipeline.from_pretrained(tiny_checkpoint(MODEL))
+        name = f"r{rank}-{index}"
         torch.manual_seed(1000 * rank + index)
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_DENOISER_TARGETS["sd"],
                             init_lora_weights=False)
-        pipeline.unet.add_adapter(config)
-        name = f"r{rank}-{index}"
-        type(pipeline).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipeline.unet),
-                                         weight_name=f"{name}.safetensors")
+        pipeline.unet.add_adapter(config, adapter_name=name)
+        layers = get_peft_model_state_dict(pipeline.unet, adapter_name=name)
+        type(pipeline).save_lora_weights(folder, unet_lora_layers=layers, weight_name=f"{name}.safetensors")
+        pipeline.unet.delete_adapters(name)
         listed.append({"lora_name": name, "local_path": str(folder / f"{name}.safetensors")})
     return listed
 
 
-def _runner(options: dict):
+def _runner(base: dict, options: dict):
     from kiln.engine.catalogue import get_spec
     from kiln.engine.options import parse_launch_options
     from kiln.engine.runner import Runner
 
     spec = get_spec(MODEL)
-    runner = Runner(MODEL, spec, parse_launch_options(spec, {"tiny": True, "max_batch_size": 16, **options}))
+    runner = Runner(MODEL, spec, parse_launch_options(spec, {**base, "max_batch_size": 16, **options}))
     runner.load(start=False, warmup_size=(64, 64))
     return runner
 
@@ -77,23 +80,19 @@ def _forward(runner, inputs, selection=None) -> float:
 
 
 @torch.no_grad()
-def _interleaved(plain, per_rank: dict[int, object], rows: int, repeat: int) -> dict[str, list[float]]:
-    """Milliseconds per forward of the plain runner and of every (rank, variant), one of each per round."""
+def _interleaved(plain, runner, rows: int, repeat: int) -> dict[str, list[float]]:
+    """Milliseconds per forward of the plain runner and of the LoRA runner's variants, one of each per round."""
     from kiln.engine.backends.base import ExampleInputs
 
     inputs = ExampleInputs(plain.executor.family, 64, 64).named(rows)
     selections = _selections(rows)
-    times: dict[str, list[float]] = {"plain": []}
+    times: dict[str, list[float]] = {"plain": [], **{label: [] for label in VARIANTS}}
     for index in range(repeat + 3):
         keep = index >= 3  # the first rounds warm up
-        ms = _forward(plain, inputs)
-        if keep:
-            times["plain"].append(ms)
-        for rank, runner in per_rank.items():
-            for label, selection in selections.items():
-                ms = _forward(runner, inputs, selection)
-                if keep:
-                    times.setdefault(f"{rank}/{label}", []).append(ms)
+        for label, ms in (("plain", _forward(plain, inputs)),
+                          *((label, _forward(runner, inputs, selection)) for label, selection in selections.items())):
+            if keep:
+                times[label].append(ms)
     return times
 
 
@@ -103,31 +102,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=32, help="rows per forward (default: 16 images with CFG)")
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results" / "lora_forward.json")
+    parser.add_argument("--reference-size", action="store_true", help="the real-size random-weight SD1.5")
+    parser.add_argument("--output", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "lora_forward.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from kiln.engine.tiny import tiny_checkpoint
+
+    from .harness import Settings, model_options
     from .machine import load_average, machine_facts
 
-    plain = _runner({})
-    per_rank = {}
+    # eager for both: per-row LoRA runs on eager or compile, and auto may pick onnx or openvino for the plain model.
+    base = model_options(Settings(reference_size=args.reference_size, backend="eager"), MODEL, print)
+    checkpoint = Path(base["model_path"]) if args.reference_size else tiny_checkpoint(MODEL)
+    plain = _runner(base, {})
+    results = {"machine": machine_facts(args.threads), "model": "reference-size" if args.reference_size else "tiny",
+               "rows": args.rows, "repeat": args.repeat, "ranks": {}}
     for rank in args.ranks:
         with tempfile.TemporaryDirectory() as folder:
-            per_rank[rank] = _runner({"peft_model_config": {"lora_list": _loras(rank, Path(folder))}, "max_loras": 4,
-                                      "max_lora_rank": rank, "lora_default": "none"})
-    before = load_average()
-    times = _interleaved(plain, per_rank, args.rows, args.repeat)
-    plain_ms = statistics.median(times["plain"])
-    results = {"machine": machine_facts(args.threads), "load_average": [before, load_average()], "rows": args.rows,
-               "repeat": args.repeat, "plain_ms": plain_ms, "ranks": {}}
-    print(f"plain: {plain_ms:.2f} ms per forward of {args.rows} rows")
-    for rank, runner in per_rank.items():
-        figures = {}
+            runner = _runner(base, {"peft_model_config": {"lora_list": _loras(checkpoint, rank, Path(folder))},
+                                    "max_loras": 4, "max_lora_rank": rank, "lora_default": "none"})
+        before = load_average()
+        times = _interleaved(plain, runner, args.rows, args.repeat)
+        plain_ms = statistics.median(times["plain"])
+        figures: dict = {"plain_ms": plain_ms, "load_average": [before, load_average()],
+                         "adapted_layers": len(next(p for p in runner.parts if p.name == "lora").layers)}
+        print(f"rank {rank:3d}: plain {plain_ms:.2f} ms per forward of {args.rows} rows, "
+              f"{figures['adapted_layers']} adapted layers")
         for label in VARIANTS:
-            ms = statistics.median(times[f"{rank}/{label}"])
+            ms = statistics.median(times[label])
             figures[label] = {"ms": ms, "overhead_ms": ms - plain_ms, "overhead_fraction": ms / plain_ms - 1}
-            print(f"rank {rank:3d} {label:>20}: {ms:7.2f} ms  (+{ms - plain_ms:6.2f} ms, "
+            print(f"rank {rank:3d} {label:>20}: {ms:8.2f} ms  (+{ms - plain_ms:7.2f} ms, "
                   f"{100 * (ms / plain_ms - 1):+5.1f}%)")
-        figures["adapted_layers"] = len(next(p for p in runner.parts if p.name == "lora").layers)
         results["ranks"][str(rank)] = figures
         runner.close()
     plain.close()
