@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -82,43 +82,35 @@ def default_cache_root() -> Path:
 
 
 def tiny_checkpoint(model_name: str, cache_root: Path | None = None) -> Path:
-    """The cached tiny checkpoint of a catalogue model, built on first use.
-
-    Builds go to a temporary folder beside the target and are renamed into place, so concurrent processes never
-    see a half-written checkpoint; a process that loses the race discards its copy and uses the winner's.
-    """
+    """The cached tiny checkpoint of a catalogue model, built on first use."""
     target = Path(cache_root or default_cache_root()) / f"v{FORMAT_VERSION}" / get_spec(model_name).name
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build_tiny(model_name, staging)
-        try:
-            os.rename(staging, target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return _built_once(target, lambda: (target / "model_index.json").is_file(),
+                       lambda staging: build_tiny(model_name, staging))
 
 
 def tiny_loras(model_name: str, cache_root: Path | None = None) -> Path:
-    """The cached folder of a catalogue model's tiny LoRAs (built on first use, like `tiny_checkpoint`)."""
+    """The cached folder of a catalogue model's tiny LoRAs (made for its tiny checkpoint), built on first use."""
     root = Path(cache_root or default_cache_root())
     target = root / f"v{FORMAT_VERSION}" / f"loras-v{LORA_FORMAT_VERSION}" / get_spec(model_name).name
-    if all((target / f"{name}.safetensors").is_file() for name in tiny_lora_recipes(model_name)):
+    names = tiny_lora_recipes(model_name)
+    return _built_once(target, lambda: all((target / f"{name}.safetensors").is_file() for name in names),
+                       lambda staging: build_tiny_loras(model_name, tiny_checkpoint(model_name, cache_root), staging))
+
+
+def _built_once(target: Path, ready: Callable[[], bool], build: Callable[[Path], object]) -> Path:
+    """`target`, built by `build(folder)` unless `ready()`. Builds go to a temporary folder beside the target and
+    are renamed into place, so concurrent processes never see a half-written one; a process that loses the race
+    discards its copy and uses the winner's."""
+    if ready():
         return target
-    checkpoint = tiny_checkpoint(model_name, cache_root)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        build_tiny_loras(model_name, checkpoint, staging)
+        build(staging)
         try:
             os.rename(staging, target)
         except OSError:
-            if not (target / "style.safetensors").is_file():
+            if not ready():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
