@@ -48,6 +48,14 @@ export function bytesText(bytes) {
   return `${value.toFixed(unit ? 1 : 0)} ${units[unit]}`;
 }
 
+/** A typed value from a text field: a number when it reads as one, the text otherwise (the server says what is
+ * wrong with it), undefined when empty. */
+export function numberOrText(input) {
+  const text = input.value.trim();
+  if (text === "") return undefined;
+  return Number.isFinite(Number(text)) ? Number(text) : text;
+}
+
 export function dataUrl(b64, format = "png") {
   return `data:image/${format};base64,${b64}`;
 }

@@ -61,12 +61,18 @@ export async function setUpLaunch(config) {
   fitLaunchForm();
 }
 
-const isOcr = (name) => (catalogue.find((spec) => spec.model_name === name)?.model_ability || []).includes("ocr");
+const entry = (name) => catalogue.find((spec) => spec.model_name === name);
+const isOcr = (name) => (entry(name)?.model_ability || []).includes("ocr");
 
-/** OCR models have real weights and none of the diffusion options: those fields are disabled for them. */
+/** OCR models have real weights and none of the diffusion options: those fields are disabled for them. The
+ * ControlNet choices are the catalogue entry's (its registration's `controlnet` list). */
 function fitLaunchForm() {
-  const ocr = isOcr($("#launch-name").value);
-  for (const id of ["#launch-tiny", "#launch-backend", "#launch-offload"]) $(id).disabled = ocr;
+  const name = $("#launch-name").value;
+  for (const id of ["#launch-tiny", "#launch-backend", "#launch-offload"]) $(id).disabled = isOcr(name);
+  const controlnets = (entry(name)?.controlnet || []).map((controlnet) => controlnet.model_name);
+  $("#launch-controlnet-names").replaceChildren(...controlnets.map((controlnet) => el("label", { class: "check" },
+    el("input", { type: "checkbox", value: controlnet }), controlnet)));
+  $("#launch-controlnets").hidden = controlnets.length === 0;
 }
 
 /** The launch body: only what the user changed from the defaults, as `POST /v1/models` takes it. */
@@ -84,6 +90,8 @@ function launchBody() {
     if ($("#launch-backend").value !== "auto") body.backend = $("#launch-backend").value;
     if ($("#launch-offload").checked) body.cpu_offload = true;
   }
+  const controlnets = [...document.querySelectorAll("#launch-controlnet-names input:checked")].map((box) => box.value);
+  if (controlnets.length) body.controlnet = controlnets;
   return body;
 }
 
