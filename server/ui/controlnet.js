@@ -2,10 +2,9 @@
 // `controlnet` list). Each unit names one of them (or none), with its control image, scale, step window, guess
 // mode and optional canny preprocessing; the values go to the server as typed, and the server checks them.
 
-import { $, el, numberOrText } from "./dom.js";
+import { $, el, labelled, numberOrText } from "./dom.js";
 
 let names = []; // the selected model's resident ControlNets
-let made = 0; // units made so far: each unit's controls get ids of their own, so their labels name them
 
 const units = () => [...document.querySelectorAll("#controlnet-units .unit")];
 
@@ -30,34 +29,27 @@ function fillNames(select) {
   select.value = names.includes(keep) ? keep : "";
 }
 
-/** A control with its label; `field` is the unit key it holds. */
-function labelled(text, field, control, attributes = {}) {
-  const id = `controlnet-${made}-${field}`;
-  const input = el(control, { id, "data-field": field, ...attributes });
-  const check = attributes.type === "checkbox";
-  const label = el("label", { for: id, class: check ? "check" : null }, check ? input : null, text);
-  return { input, node: check ? label : el("div", {}, label, input) };
-}
+/** A unit's control: `field` is the unit key it holds. */
+const control = (text, field, tag, attributes = {}) => labelled(text, tag, { "data-field": field, ...attributes });
 
 function addUnit() {
-  made += 1;
-  const name = labelled("ControlNet", "name", "select");
+  const name = control("ControlNet", "name", "select");
   fillNames(name.input);
-  const canny = labelled("Preprocess: canny (send a photo, the server finds its edges)", "preprocess", "input",
+  const canny = control("Preprocess: canny (send a photo, the server finds its edges)", "preprocess", "input",
     { type: "checkbox" });
-  const thresholds = [labelled("Low", "low", "input", { type: "number", value: "100", min: 0, max: 255 }),
-    labelled("High", "high", "input", { type: "number", value: "200", min: 0, max: 255 })];
+  const thresholds = [control("Low", "low", "input", { type: "number", value: "100", min: 0, max: 255 }),
+    control("High", "high", "input", { type: "number", value: "200", min: 0, max: 255 })];
   const setThresholds = () => thresholds.forEach(({ input }) => { input.disabled = !canny.input.checked; });
   canny.input.addEventListener("change", setThresholds);
   const unit = el("fieldset", { class: "unit" },
     el("legend", {}),
     name.node,
-    labelled("Control image", "image", "input", { type: "file", accept: "image/*" }).node,
+    control("Control image", "image", "input", { type: "file", accept: "image/*" }).node,
     el("div", { class: "grid" },
-      labelled("Scale", "scale", "input", { type: "number", value: "1", step: 0.1, min: 0, max: 5 }).node,
-      labelled("Start", "start", "input", { type: "number", value: "0", step: 0.05, min: 0, max: 1 }).node,
-      labelled("End", "end", "input", { type: "number", value: "1", step: 0.05, min: 0, max: 1 }).node),
-    labelled("Guess mode", "guess_mode", "input", { type: "checkbox" }).node,
+      control("Scale", "scale", "input", { type: "number", value: "1", step: 0.1, min: 0, max: 5 }).node,
+      control("Start", "start", "input", { type: "number", value: "0", step: 0.05, min: 0, max: 1 }).node,
+      control("End", "end", "input", { type: "number", value: "1", step: 0.05, min: 0, max: 1 }).node),
+    control("Guess mode", "guess_mode", "input", { type: "checkbox" }).node,
     canny.node,
     el("div", { class: "grid" }, ...thresholds.map(({ node }) => node)),
     el("button", { type: "button", class: "remove", onclick: () => { unit.remove(); renumber(); } }));
