@@ -8,6 +8,7 @@
 import { ApiError, getJson, readEvents, request } from "./api.js";
 import { chosenUnits, setControlNets, setUpControlNet } from "./controlnet.js";
 import { $, dataUrl, el, guarded, numberOrText, sleep } from "./dom.js";
+import { chosenLoras, setLoras } from "./lora.js";
 import { hasMask, loadMaskImage, maskBlob, setUpMask } from "./mask.js";
 
 const MODES = { text2image: "text to image", image2image: "image to image", inpainting: "inpainting" };
@@ -61,7 +62,8 @@ export function setModels(launched) {
     $("#model").value = first.id;
     applyDefaults(first);
   }
-  setControlNets(selected()); // a model that finished loading lists its ControlNets now
+  setControlNets(selected()); // a model that finished loading lists its ControlNets and LoRAs now
+  setLoras(selected());
   showMode();
 }
 
@@ -74,6 +76,7 @@ function applyDefaults(model) {
   const samplers = config.samplers[model.model_name] || ["default"];
   $("#sampler").replaceChildren(...samplers.map((name) => el("option", { value: name }, name)));
   setControlNets(model);
+  setLoras(model);
   showMode();
 }
 
@@ -109,6 +112,7 @@ function parameters() {
     n: field("#n"),
     strength: mode() === "text2image" ? undefined : field("#strength"),
     partial_images: field("#partial-images"),
+    lora: chosenLoras(),
     stream: true,
     response_format: "b64_json",
     request_id: `ui-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`,
@@ -131,7 +135,9 @@ async function body(params, units) {
   const file = $("#image-file").files[0];
   if (!file) throw new Error("Choose an input image first.");
   const form = new FormData();
-  for (const [name, value] of Object.entries(params)) if (value !== undefined) form.append(name, String(value));
+  for (const [name, value] of Object.entries(params)) {
+    if (value !== undefined) form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
+  }
   form.append("image", file);
   // Always sent, `[]` for none: on a model launched with ControlNet, variations without it would read the image
   // as the control image (Xinference's form), and this form's image is the one to start from.
@@ -189,6 +195,7 @@ class ResultCard {
       params.model, MODES[requestMode], params.size || "default size", `${params.num_inference_steps ?? "default"} steps`,
       `guidance ${params.guidance_scale ?? "default"}`, `sampler ${params.sampler_name || "default"}`,
       params.strength !== undefined ? `strength ${params.strength}` : null,
+      params.lora && `LoRA ${params.lora.map((lora) => `${lora.name} ${lora.scale ?? "default scale"}`).join(", ") || "none"}`,
       ...units.map((unit) => `ControlNet ${unit.name} scale ${unit.scale ?? "default"}`),
     ].filter(Boolean).join(" · ");
     this.bar = el("progress", { max: 1, value: 0, "aria-label": "Progress" });
