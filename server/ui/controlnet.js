@@ -25,7 +25,8 @@ export function setControlNets(model) {
 
 function fillNames(select) {
   const keep = select.value;
-  select.replaceChildren(el("option", { value: "" }, "none"), ...names.map((name) => el("option", { value: name }, name)));
+  const options = names.map((name) => el("option", { value: name }, name));
+  select.replaceChildren(el("option", { value: "" }, "none"), ...options);
   select.value = names.includes(keep) ? keep : "";
 }
 

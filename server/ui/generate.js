@@ -195,7 +195,8 @@ class ResultCard {
       params.model, MODES[requestMode], params.size || "default size", `${params.num_inference_steps ?? "default"} steps`,
       `guidance ${params.guidance_scale ?? "default"}`, `sampler ${params.sampler_name || "default"}`,
       params.strength !== undefined ? `strength ${params.strength}` : null,
-      params.lora && `LoRA ${params.lora.map((lora) => `${lora.name} ${lora.scale ?? "default scale"}`).join(", ") || "none"}`,
+      params.lora && `LoRA ${params.lora.map((lora) => `${lora.name} ${lora.scale ?? "default scale"}`).join(", ")
+        || "none"}`,
       ...units.map((unit) => `ControlNet ${unit.name} scale ${unit.scale ?? "default"}`),
     ].filter(Boolean).join(" · ");
     this.bar = el("progress", { max: 1, value: 0, "aria-label": "Progress" });

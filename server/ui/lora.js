@@ -28,7 +28,8 @@ export function setLoras(model) {
 
 function row(name) {
   const picked = info.default.find((lora) => lora.name === name);
-  const box = labelled(name, "input", { type: "checkbox", value: name, checked: Boolean(picked), onchange: limitStack });
+  const box = labelled(name, "input",
+    { type: "checkbox", value: name, checked: Boolean(picked), onchange: limitStack });
   const scale = labelled(`Scale for ${name}`, "input", { type: "number", step: 0.1, min: -10, max: 10,
     value: String(picked ? picked.scale : 1), class: "scale" });
   return el("div", { class: "lora-row" }, box.node, scale.node);

@@ -62,7 +62,8 @@ def _use_the_controlnet(page, section, http) -> None:
     unit.get_by_label("Low").fill("50")
     # A second unit by keyboard, left at "none": it is not sent.
     section.get_by_role("button", name="Add ControlNet unit").press("Enter")
-    expect(section.get_by_role("group", name="ControlNet unit 2").get_by_label("ControlNet", exact=True)).to_be_focused()
+    second = section.get_by_role("group", name="ControlNet unit 2")
+    expect(second.get_by_label("ControlNet", exact=True)).to_be_focused()
     with page.expect_request(lambda sent: sent.url.endswith("/v1/images/generations")) as sent:
         guided = _generate(page)
     (controlnet,) = sent.value.post_data_json["controlnet"]

@@ -1,7 +1,7 @@
 """LoRA in the browser against a real server: launched from the Models panel with per-row slots, a LoRA file and
-a LoRA folder, the Generate form lists the registered LoRAs with the launch default picked; a LoRA at scale 1
-changes the image against none (in JSON and multipart requests), at scale 0 it gives the plain image, and the stack
-stops at the model's bound."""
+a LoRA folder (a LoRA file without its path shows the server's message), the Generate form lists the registered
+LoRAs with the launch default picked; a LoRA at scale 1 changes the image against none (in JSON and multipart
+requests), at scale 0 it gives the plain image, and the stack stops at the model's bound."""
 
 from __future__ import annotations
 
@@ -44,6 +44,11 @@ def test_loras_launched_from_the_models_panel_change_the_image_per_request(page,
     launch.get_by_role("button", name="Add LoRA file").press("Enter")  # by keyboard: focus moves to the new name
     expect(launch.get_by_label("LoRA name")).to_be_focused()
     page.keyboard.type("mine")
+    # Without its path the LoRA file reaches the server, which refuses the launch: its message shows.
+    models.get_by_role("button", name="Launch").click()
+    pathless = {"lora_list": [{"lora_name": "mine", "local_path": ""}]}
+    refused = ui_server.http.post("/v1/models", json={"model_name": MODEL, "tiny": True, "peft_model_config": pathless})
+    expect(page.get_by_role("alert")).to_contain_text(refused.json()["error"]["message"])
     launch.get_by_label("Local path").fill(str(folder / "style.safetensors"))
     models.get_by_role("button", name="Launch").click()
     expect(models.locator(f'tr[data-uid="{UID}"] .status')).to_have_text("ready")
