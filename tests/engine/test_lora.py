@@ -458,3 +458,27 @@ def test_inductor_per_row_matches_eager(tiny_lora_dir):
     finally:
         compiled.close()
         eager.close()
+
+
+def test_eager_slot_layers_choose_no_per_row_copies_where_rows_have_few_positions():
+    """The deep UNet stages of a real model: 8 rows of one position through a 1280-wide layer, three rank-64
+    LoRAs each. Gathering (or merging) per-row weights would copy megabytes to multiply one position, so the
+    dense way runs; a small layer with many tokens still merges (a decision of the cost model, not a timing)."""
+    from kiln.engine.parts.lora.layers import RowSelection, install
+
+    def chosen(width, tokens, rank):
+        model = torch.nn.ModuleDict({"lin": torch.nn.Linear(width, width)})
+        selection = RowSelection(8, 3, torch.device("cpu"), torch.float32)
+        layer = install(model, ["lin"], selection, slots=5, rank=rank)["lin"]
+        for slot in range(1, 5):
+            layer.fill(slot, (torch.randn(rank, width), torch.randn(width, rank)))
+        selection.set([((1 + row % 4, 1 + (row + 1) % 4, 1 + (row + 2) % 4), (1.0, 0.5, 0.25)) for row in range(8)])
+        ways = []
+        apply_way = layer.apply_way
+        layer.apply_way = lambda way, *args: ways.append(way) or apply_way(way, *args)
+        with torch.no_grad():
+            layer(torch.randn(8, tokens, width))
+        return ways
+
+    assert chosen(1280, 1, 64) == ["dense"]
+    assert chosen(16, 256, 4) == ["merged"]

@@ -12,10 +12,10 @@ shared by the layers; each layer computes
 per row: each row's K slots gathered, then batched matmuls. Why this shape and not peft's per-adapter loop:
 shapes are static and the selection is tensors, so torch.compile never recompiles when rows, adapters or scales
 change (it always computes all K slots at full R: slot 0 adds exact zeros). Eager calls skip a layer no row's
-adapter touches, compute only the rank some row uses, and pick by cost (KERNEL_FLOPS) between that gather
-(5 kernels), running the used slots densely for every row with per-row scales (3 kernels) and, for small
-layers, merging each row's delta weight sum_k scale_k B_k A_k and applying it with one batched matmul (2-3
-kernels). The last two run in float32 only: in half precision a neighbour's adapter could overflow into
+adapter touches, compute only the rank some row uses, and pick by cost (KERNEL_FLOPS per kernel, ELEMENT_FLOPS
+per element of per-row weight copies) between that gather (5 kernels), running the used slots densely for every
+row with per-row scales (3 kernels, no per-row copies) and, for small layers, merging each row's delta weight
+sum_k scale_k B_k A_k and applying it with one batched matmul (2-3 kernels). The last two run in float32 only: in half precision a neighbour's adapter could overflow into
 inf x 0 = NaN in a row that does not use it, so half precision always gathers. A row without LoRA therefore
 gets exactly its base output, whatever its neighbours carry. Rows must be the first dimension at every adapted
 layer, as in the denoisers and text encoders.
@@ -35,6 +35,11 @@ from torch import nn
 # kernel on one CPU core at ~20 GFLOP/s; ~5 us launch on a GPU at ~100 TFLOP/s). Each eager call picks the
 # cheapest way for its shapes: kernel launches dominate small layers, FLOPs large ones.
 KERNEL_FLOPS = {"cpu": 4e5, "cuda": 5e8}
+# What writing one element of a per-row weight copy costs (the gathered slots, the merged delta weights), in the
+# same FLOPs: ~7 ns per element on one CPU core, measured on reference-size SD1.5 layers (and memory bandwidth
+# against compute on GPUs gives the same order). Without it a gather over the deep, few-pixel UNet stages, where
+# each row copies megabytes of weights to multiply a handful of positions, looked cheap: 7x slower LoRA deltas.
+ELEMENT_FLOPS = 100
 
 
 class RowSelection:
@@ -153,11 +158,12 @@ class _SlotLayer(nn.Module):
         rank, width = max(self.ranks[slot] for slot in used), self.selection.width
         positions = out.numel() / self.out_features  # rows x tokens (or output pixels)
         lora = positions * rank * self._flops_per_rank  # one slot for every row
-        costs = {"gathered": 5 * self._kernel + width * lora}
+        count, copies = x.shape[0], ELEMENT_FLOPS * x.shape[0]  # per-row weights: one copy per row
+        costs = {"gathered": 5 * self._kernel + width * lora + copies * width * rank * self._flops_per_rank / 2}
         if x.dtype == torch.float32:
             costs["dense"] = 3 * self._kernel + len(used) * lora
-            costs["merged"] = self._merged_kernels * self._kernel + positions * self._merged_flops + (
-                x.shape[0] * len(used) * self._merged_flops / 2)
+            costs["merged"] = (self._merged_kernels * self._kernel + positions * self._merged_flops
+                               + count * len(used) * self._merged_flops / 2 + copies * self._merged_flops / 2)
         return self.apply_way(min(costs, key=costs.get), x, out, used, rank)
 
     def apply_way(self, way: str, x: torch.Tensor, out: torch.Tensor, used: tuple[int, ...], rank: int):
