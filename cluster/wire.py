@@ -10,7 +10,7 @@ boundary turns them into HTTP errors exactly as in single-process Kiln.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Iterable
 
 from PIL import Image
 
@@ -57,6 +57,17 @@ def request_work(payload: dict[str, Any]) -> float:
 def lane_of(payload: dict[str, Any]) -> list[int]:
     """The lane key the replica's scheduler will put the request in (width x height today)."""
     return [payload["width"], payload["height"]]
+
+
+def lora_set_id(names: Iterable[str]) -> str:
+    """The Serve multiplexed model id of a request's LoRAs: its names, sorted and joined by "/" (no LoRA name
+    holds one). Scales do not change which LoRAs must be resident, so they are left out; "" is no LoRA."""
+    return "/".join(sorted(set(names)))
+
+
+def lora_set_names(set_id: str) -> list[str]:
+    """The inverse of `lora_set_id`."""
+    return set_id.split("/") if set_id else []
 
 
 def error_event(error: BaseException) -> dict[str, Any]:

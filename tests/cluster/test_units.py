@@ -14,7 +14,8 @@ from PIL import Image
 from kiln.cluster import placement as p
 from kiln.cluster.front import should_retry
 from kiln.cluster.health import StallWatch, Unhealthy
-from kiln.cluster.wire import error_event, image_request, raise_error, request_payload, request_work
+from kiln.cluster.wire import (error_event, image_request, lora_set_id, lora_set_names, raise_error,
+                               request_payload, request_work)
 from kiln.engine.errors import EngineError, InvalidRequest, QueueFull, RequestAborted
 from kiln.engine.requests import ImageRequest
 
@@ -105,6 +106,67 @@ def test_routing_prefers_less_work_then_an_open_lane_that_is_not_too_busy() -> N
     assert rank(replicas, [64, 64]) == ["c", "b", "a"]  # c's lane is open and its work within 2x of the least
     assert rank(replicas, [128, 128]) == ["b", "c", "a"]
     assert rank({}, None) == []
+
+
+def test_a_lora_set_id_is_its_sorted_names() -> None:
+    assert lora_set_id(["style", "detail", "style"]) == "detail/style"
+    assert lora_set_names("detail/style") == ["detail", "style"]
+    assert lora_set_id([]) == "" and lora_set_names("") == []
+
+
+def test_routing_prefers_a_replica_holding_the_loras_while_it_is_not_too_busy() -> None:
+    pytest.importorskip("ray.serve")
+    from kiln.cluster.routing import rank
+
+    work = 100.0
+    idle = {"a": {"pending_work": 0.0}, "b": {"pending_work": 0.0, "loras": ["style"]}}
+    assert rank(idle, None, ["style"], work) == ["b", "a"]
+    assert rank(idle, None, [], work) == ["a", "b"]  # no LoRA: by work alone
+    # A replica seen with up to the request's own work beyond twice the least still wins (it may have just
+    # finished a request like this one); beyond that, the other replica loads the LoRA rather than queue.
+    assert rank({**idle, "b": {"pending_work": work, "loras": ["style"]}}, None, ["style"], work) == ["b", "a"]
+    busy = {"a": {"pending_work": 100.0}, "b": {"pending_work": 301.0, "loras": ["style"]}}
+    assert rank(busy, None, ["style"], work) == ["a", "b"]
+    # A set is held when every name is resident, whatever else is; LoRAs count before lanes (a job without its
+    # LoRA waits for it, one without a lane only starts a batch of its own).
+    stacked = {"a": {"pending_work": 0.0, "loras": ["style"], "open_lanes": [[64, 64]]},
+               "b": {"pending_work": 50.0, "loras": ["text", "style", "detail"]}}
+    assert rank(stacked, [64, 64], ["detail", "style"], work) == ["b", "a"]
+    assert rank(stacked, [64, 64], ["style"], work) == ["a", "b"]
+
+
+def test_a_burst_for_one_lora_spreads_over_both_replicas() -> None:
+    """Each request goes where rank puts it and is booked there: the replica holding the LoRA takes the first
+    two, then the other loads it, and from then on the load alternates."""
+    pytest.importorskip("ray.serve")
+    from kiln.cluster.routing import Bookings, rank
+
+    bookings = Bookings()
+    reports = {"a": {"pending_work": 0.0, "at": 1.0}, "b": {"pending_work": 0.0, "loras": ["style"], "at": 1.0}}
+    chosen = []
+    for index in range(8):
+        estimates = {name: bookings.estimate(name, stats) for name, stats in reports.items()}
+        chosen.append(rank(estimates, [64, 64], ["style"], 100.0)[0])
+        bookings.book(f"r{index}", chosen[-1], 100.0, ["style"], now=2.0 + index)
+    assert chosen[:3] == ["b", "b", "a"] and chosen.count("a") == chosen.count("b") == 4
+
+
+def test_bookings_count_work_until_completion_and_loras_until_the_next_report() -> None:
+    pytest.importorskip("ray.serve")
+    from kiln.cluster.routing import Bookings
+
+    bookings = Bookings()
+    bookings.book("r1", "a", 100.0, ["style"], now=10.0)
+    assert bookings.estimate("a", {"pending_work": 5.0, "at": 9.0}) == {
+        "pending_work": 105.0, "open_lanes": [], "loras": {"style"}}
+    assert bookings.estimate("b", {"at": 9.0})["pending_work"] == 0.0
+    bookings.complete("r1")
+    assert bookings.estimate("a", {"at": 9.0}) == {"pending_work": 0.0, "open_lanes": [], "loras": {"style"}}
+    assert bookings.estimate("a", {"at": 11.0, "loras": ["detail"]})["loras"] == {"detail"}  # the report rules
+    bookings.book("r1", "b", 100.0, [], now=12.0)  # booked again: replaces the booking
+    assert bookings.estimate("a", {"at": 0.0})["loras"] == set()
+    bookings.book("r2", "a", 1.0, [], now=12.0 + 31.0)  # past SENT_MEMORY_S: forgotten
+    assert bookings.estimate("b", {"at": 0.0})["pending_work"] == 0.0
 
 
 def test_a_runner_that_stops_stepping_with_work_pending_is_unhealthy(tiny_root) -> None:
