@@ -124,7 +124,8 @@ class KilnModel:
         self.health.check()
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Pending work (images x steps x pixels, less what is done) and the lanes with room to join."""
+        """Pending work (images x steps x pixels, less what is done), the lanes with room to join, and the ids
+        of the requests held (what the router's bookings are checked against)."""
         pending, lanes = 0.0, set()
         for work, lane, handle in list(self._pending.values()):
             pending += work * (1.0 - handle.progress)
@@ -133,7 +134,8 @@ class KilnModel:
         batch = self.endpoint.max_batch_size if self.endpoint.status == "ready" else None
         stats = self.endpoint.stats() if self.endpoint.status == "ready" else None
         has_room = batch is None or stats is None or stats.active_jobs < batch
-        return {"pending_work": pending, "open_lanes": sorted(lanes) if has_room else [], "at": time.time()}
+        return {"pending_work": pending, "open_lanes": sorted(lanes) if has_room else [],
+                "requests": list(self._pending), "at": time.time()}
 
     # --- reports to the ingress ----------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:

@@ -4,9 +4,9 @@ LoRAs, then one whose lane is open.
 Serve's default router compares queue lengths (requests in flight), which counts a 1-step 64x64 request the same
 as a 50-step 1024x1024 one. Replicas here report their pending work (images x steps x pixels, less what is done),
 their open lanes and their LoRAs (resident in slots, or wanted by a request they hold) in
-`KilnModel.record_routing_stats`, every ROUTING_STATS_PERIOD_S. Between reports the router adds what it has itself
-sent since, so a burst does not all land on the replica that looked idlest, nor miss the replica that was just
-sent a LoRA.
+`KilnModel.record_routing_stats`, every ROUTING_STATS_PERIOD_S. To each report the router adds what it has itself
+sent that the report does not show yet (`Bookings`), so a burst does not all land on the replica that looked
+idlest, nor miss the replica that was just sent a LoRA.
 
 A request's LoRAs reach the router as its Serve multiplexed model id (`wire.lora_set_id`, set by the front).
 Serve's own multiplexing ranks replicas by the ids that `@serve.multiplexed` loaders report; Kiln's LoRAs are
@@ -59,45 +59,53 @@ def rank(replicas: Mapping[Hashable, Mapping[str, Any]], lane: Sequence[int] | N
 
 @dataclass
 class _Booking:
+    request_id: str  # Kiln's, as replicas report the requests they hold
     replica: Hashable
     at: float
-    work: float  # 0 once the request completed
+    work: float
     loras: list[str]
+    done: bool = False
 
 
 class Bookings:
-    """What the router sent to each replica that the replica's last report cannot show yet.
+    """What the router sent to each replica that the replica's last report does not show yet.
 
-    A request is booked (its work and LoRAs) under its id, so a request booked again replaces its booking. Its
-    work counts until it completes; its LoRAs until the replica reports after the booking (a report shows them,
-    resident or wanted by a request it holds), so a short request's LoRA is not forgotten between its completion
-    and the next report. Everything is forgotten after SENT_MEMORY_S."""
+    A request is booked under Serve's id of it (booked again: replaced). A report shows a booking when it was
+    taken after it and either holds the request (by Kiln's id) or the request had completed (its LoRAs are
+    then resident, its work done). Until then the booking's LoRAs, and its work while it runs, are added to the
+    report: a burst does not all land on one replica, and a request still on its way, or one that finished
+    before the next report, is not missed. Bookings are forgotten after SENT_MEMORY_S."""
 
     def __init__(self) -> None:
         self._sent: dict[str, _Booking] = {}
 
-    def book(self, request_id: str, replica: Hashable, work: float, loras: list[str], now: float) -> None:
-        self._sent = {key: sent for key, sent in self._sent.items() if sent.at > now - SENT_MEMORY_S}
-        self._sent[request_id] = _Booking(replica, now, work, loras)
+    def book(self, key: str, request_id: str, replica: Hashable, work: float, loras: list[str], now: float) -> None:
+        self._sent = {other: sent for other, sent in self._sent.items() if sent.at > now - SENT_MEMORY_S}
+        self._sent[key] = _Booking(request_id, replica, now, work, loras)
 
-    def complete(self, request_id: str) -> None:
-        booking = self._sent.get(request_id)
-        if booking is not None:
-            booking.work = 0.0
+    def move(self, key: str, replica: Hashable) -> None:
+        """The request went to another replica than the one it was booked to."""
+        if key in self._sent:
+            self._sent[key].replica = replica
+
+    def complete(self, key: str) -> None:
+        if key in self._sent:
+            self._sent[key].done = True
 
     def estimate(self, replica: Hashable, stats: Mapping[str, Any]) -> dict[str, Any]:
-        """The replica's routing stats (as `rank` reads them) with what was booked to it since they were taken."""
-        since = [sent for sent in self._sent.values() if sent.replica == replica and sent.at > stats.get("at", 0.0)]
-        return {"pending_work": stats.get("pending_work", 0.0) + sum(sent.work for sent in since),
+        """The replica's routing stats (as `rank` reads them) with what its report does not show yet."""
+        at, held = stats.get("at", 0.0), set(stats.get("requests", ()))
+        unseen = [sent for sent in self._sent.values() if sent.replica == replica
+                  and (sent.at > at or not (sent.done or sent.request_id in held))]
+        return {"pending_work": stats.get("pending_work", 0.0) + sum(s.work for s in unseen if not s.done),
                 "open_lanes": stats.get("open_lanes", []),
-                "loras": set(stats.get("loras", ())).union(*(sent.loras for sent in since))}
+                "loras": set(stats.get("loras", ())).union(*(sent.loras for sent in unseen))}
 
 
 class KilnRouter(FIFOMixin, MultiplexMixin, RequestRouter):
-    """Serve's RequestRouter over `rank` and `Bookings`.
-
-    A request is booked to the first-ranked replica when it is chosen (Serve takes it unless that replica is at
-    max_ongoing_requests) under Serve's id of the request, and its work released when Serve completes it."""
+    """Serve's RequestRouter over `rank` and `Bookings`: a request is booked to the first-ranked replica when it
+    is chosen (Serve takes it unless that replica is at max_ongoing_requests), moved if Serve sent it to
+    another, and marked done when Serve completes it."""
 
     def initialize_state(self, **kwargs: Any) -> None:
         self._bookings = Bookings()
@@ -113,8 +121,12 @@ class KilnRouter(FIFOMixin, MultiplexMixin, RequestRouter):
                      for replica_id, replica in by_id.items()}
         ranked = rank(estimates, lane_of(payload) if payload else None, loras, work)
         if payload and ranked:
-            self._bookings.book(pending_request.metadata.internal_request_id, ranked[0], work, loras, time.time())
+            self._bookings.book(pending_request.metadata.internal_request_id, payload["request_id"], ranked[0],
+                                work, loras, time.time())
         return [[by_id[replica_id]] for replica_id in ranked]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
+        self._bookings.move(pending_request.metadata.internal_request_id, replica_id)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         self._bookings.complete(internal_request_id)

@@ -147,26 +147,34 @@ def test_a_burst_for_one_lora_spreads_over_both_replicas() -> None:
     for index in range(8):
         estimates = {name: bookings.estimate(name, stats) for name, stats in reports.items()}
         chosen.append(rank(estimates, [64, 64], ["style"], 100.0)[0])
-        bookings.book(f"r{index}", chosen[-1], 100.0, ["style"], now=2.0 + index)
+        bookings.book(f"s{index}", f"r{index}", chosen[-1], 100.0, ["style"], now=2.0 + index)
     assert chosen[:3] == ["b", "b", "a"] and chosen.count("a") == chosen.count("b") == 4
 
 
-def test_bookings_count_work_until_completion_and_loras_until_the_next_report() -> None:
+def test_bookings_count_until_a_report_shows_them() -> None:
     pytest.importorskip("ray.serve")
     from kiln.cluster.routing import Bookings
 
     bookings = Bookings()
-    bookings.book("r1", "a", 100.0, ["style"], now=10.0)
-    assert bookings.estimate("a", {"pending_work": 5.0, "at": 9.0}) == {
-        "pending_work": 105.0, "open_lanes": [], "loras": {"style"}}
+    bookings.book("s1", "r1", "a", 100.0, ["style"], now=10.0)
+    before = {"pending_work": 5.0, "at": 9.0}
+    assert bookings.estimate("a", before) == {"pending_work": 105.0, "open_lanes": [], "loras": {"style"}}
+    assert bookings.estimate("b", {"at": 9.0}) == {"pending_work": 0.0, "open_lanes": [], "loras": set()}
+    # A later report that holds the request shows it; one that does not has it still on its way.
+    assert bookings.estimate("a", {"pending_work": 80.0, "at": 11.0, "requests": ["r1"]})["pending_work"] == 80.0
+    assert bookings.estimate("a", {"at": 11.0}) == {"pending_work": 100.0, "open_lanes": [], "loras": {"style"}}
+    # Completed: its work is gone at once, its LoRA stays until a report taken after the booking.
+    bookings.complete("s1")
+    assert bookings.estimate("a", before) == {"pending_work": 5.0, "open_lanes": [], "loras": {"style"}}
+    assert bookings.estimate("a", {"at": 11.0, "loras": ["detail"]})["loras"] == {"detail"}
+    # Serve sent it elsewhere, or it was booked again: the booking follows.
+    bookings.book("s2", "r2", "a", 50.0, [], now=12.0)
+    bookings.move("s2", "b")
+    assert bookings.estimate("b", {"at": 9.0})["pending_work"] == 50.0
+    bookings.book("s2", "r2", "a", 50.0, [], now=13.0)
     assert bookings.estimate("b", {"at": 9.0})["pending_work"] == 0.0
-    bookings.complete("r1")
-    assert bookings.estimate("a", {"at": 9.0}) == {"pending_work": 0.0, "open_lanes": [], "loras": {"style"}}
-    assert bookings.estimate("a", {"at": 11.0, "loras": ["detail"]})["loras"] == {"detail"}  # the report rules
-    bookings.book("r1", "b", 100.0, [], now=12.0)  # booked again: replaces the booking
-    assert bookings.estimate("a", {"at": 0.0})["loras"] == set()
-    bookings.book("r2", "a", 1.0, [], now=12.0 + 31.0)  # past SENT_MEMORY_S: forgotten
-    assert bookings.estimate("b", {"at": 0.0})["pending_work"] == 0.0
+    bookings.book("s3", "r3", "b", 1.0, [], now=13.0 + 31.0)  # past SENT_MEMORY_S: the others are forgotten
+    assert bookings.estimate("a", before) == {"pending_work": 5.0, "open_lanes": [], "loras": set()}
 
 
 def test_a_runner_that_stops_stepping_with_work_pending_is_unhealthy(tiny_root) -> None:
