@@ -182,6 +182,37 @@ def _kiln_figures(runs: list[dict[str, Any]], max_batch_size: int) -> dict[str, 
     }
 
 
+def with_lora_files(scenario: Scenario) -> Scenario:
+    """The scenario with the LoRAs of its `launch` table as a peft_model_config: `tiny_loras = [names]` (the
+    tests' tiny LoRAs) and `loras = {name = {rank, alpha, denoiser = [layer names], text}}` (made with peft on
+    the tiny checkpoint by engine.tiny.write_lora, kept in $KILN_CACHE/bench-loras). LoRA files fit one model,
+    so such a scenario has one."""
+    launch = dict(scenario.launch)
+    if "loras" not in launch and "tiny_loras" not in launch:
+        return scenario
+    models = {item.model for item in scenario.mix}
+    if len(models) != 1:
+        raise BenchError(f"scenario {scenario.name}: loras in its launch table need one model, got {sorted(models)}")
+    import hashlib
+    import json
+    import os
+
+    from kiln.engine.tiny import LoraRecipe, tiny_checkpoint, tiny_loras, write_lora
+
+    model = models.pop()
+    listed = [{"lora_name": name, "local_path": str(tiny_loras(model) / f"{name}.safetensors")}
+              for name in launch.pop("tiny_loras", [])]
+    for name, recipe in launch.pop("loras", {}).items():
+        digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+        folder = Path(os.environ.get("KILN_CACHE", REPO / ".kiln-cache")) / "bench-loras" / model / digest
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            fields = {**recipe, "denoiser": tuple(recipe["denoiser"]) if "denoiser" in recipe else None}
+            write_lora(model, tiny_checkpoint(model), name, LoraRecipe(**fields), folder)
+        listed.append({"lora_name": name, "local_path": str(path)})
+    return replace(scenario, launch={**launch, "peft_model_config": {"lora_list": listed}})
+
+
 def idle_neighbours(names: list[str], measured: list[str]) -> tuple[str, ...]:
     """`--idle-neighbours` names; "all" stands for what `kiln serve --demo` loads besides the measured models."""
     from kiln.engine.catalogue import CATALOGUE, DEFAULT_OCR_MODEL
@@ -451,6 +482,10 @@ def run_benchmark(scenarios: list[Scenario], settings: Settings, log: Log = prin
                 names = models[item.model].setdefault("controlnet", [])
                 if item.controlnet not in names:
                     names.append(item.controlnet)
+            if item.lora and set(settings.systems) - {"kiln"}:
+                raise BenchError("LoRA requests run on kiln only (the baselines are plain pipelines): run this "
+                                 "scenario file with --systems kiln")
+    scenarios = [with_lora_files(scenario) for scenario in scenarios]
 
     plans: list[Plan] | None = None if "kiln" in settings.systems else [p for s in scenarios for p in draw_plans(s)]
     neighbours = idle_neighbours(list(settings.idle_neighbours), list(models))

@@ -22,6 +22,8 @@ RATIOS = (("kiln", "sequential"), ("kiln", "static"), ("kiln", "limit"), ("kiln+
 # The targets of issue #6, on the default scenario file's plans.
 TARGET_PLAN_CLOSED = "closed-c16"
 TARGET_PLAN_OPEN = "poisson"
+# Issue 11's, on scenarios/lora.toml's: per-row LoRA against the same load without LoRA and one lane per LoRA set.
+LORA_PLANS = {"mixed": "lora-mixed-c16", "none": "lora-none-c16", "per_config": "lora-per-config-c16"}
 
 
 def _iso(timestamp: float) -> str:
@@ -89,6 +91,13 @@ def targets(plans: list[dict[str, Any]], memory: dict[str, Any] | None) -> list[
         kiln["latency_s"]["p99"] if kiln and kiln.get("latency_s") else None,
         static["latency_s"]["p99"] if static and static.get("latency_s") else None, False,
         TARGET_PLAN_OPEN if open_plan else None)
+    lora = {key: by_name[name]["systems"].get("kiln", {}).get("images_per_s") if name in by_name else None
+            for key, name in LORA_PLANS.items()}
+    for other, bound, text in (("none", 0.85, "the same load without LoRAs"),
+                               ("per_config", 1.5, "one batch per LoRA configuration (lora_batching per-config)")):
+        if lora["mixed"] is not None and lora[other]:
+            add(f"lora_vs_{other}", f"16 clients, 4 LoRAs or none: per-row images/s >= {bound}x {text}",
+                lora["mixed"] / lora[other], bound, True, LORA_PLANS["mixed"])
     add("demo_rss", "kiln serve --demo (7 tiny models) RSS after a 16-concurrent run < 1 GB",
         memory["rss_after_run_bytes"] if memory else None, memory["limit_bytes"] if memory else None, False, None)
     return out

@@ -23,9 +23,11 @@ without their own use:
     requests = 32
 
 A request class with `controlnet = "canny"` sends a ControlNet unit (Kiln only; the model is launched with the
-ControlNets its classes name); a scenario's `launch` table adds Kiln launch options to its plans' models (Kiln
-relaunches a model between plans whose options differ), e.g. `launch = {controlnet_lanes = "split"}`, and
-`draw_as = "<another scenario>"` gives it that scenario's very requests.
+ControlNets its classes name), one with `lora = "name"` asks for that LoRA (Kiln only); a scenario's `launch`
+table adds Kiln launch options to its plans' models (Kiln relaunches a model between plans whose options differ),
+e.g. `launch = {controlnet_lanes = "split"}`, where `loras = {name = {rank, alpha, denoiser, text}}` (made with
+peft on the tiny checkpoint) and `tiny_loras = [names]` (the tests' tiny LoRAs) become its peft_model_config (see
+scenarios/lora.toml); `draw_as = "<another scenario>"` gives it that scenario's very requests.
 
 Every system sees exactly the same requests (prompts, seeds, sizes, arrival times): they are drawn once, from
 `seed`, by `plan()`.
@@ -73,6 +75,7 @@ class RequestClass:
     n: int = 1
     weight: float = 1.0
     controlnet: str | None = None  # a ControlNet unit (Kiln only): the name of a ControlNet the model is launched with
+    lora: str | None = None  # a LoRA its requests ask for (Kiln only), by its name in the launch
 
     @property
     def size(self) -> str:
@@ -94,11 +97,12 @@ class BenchRequest:
     n: int = 1
     at: float = 0.0
     controlnet: str | None = None
+    lora: str | None = None
 
     @property
     def batch_key(self) -> tuple:
         """What requests must share to run in one plain pipeline call (static batching)."""
-        return (self.model, self.width, self.height, self.steps, self.guidance, self.controlnet)
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.controlnet, self.lora)
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,7 @@ def parse_mix(items: Any, where: str) -> tuple[RequestClass, ...]:
         if not isinstance(item, Mapping):
             raise ScenarioError(f"{spot}: a request class is a table, got {item!r}")
         item = dict(item)
-        known = {"model", "size", "width", "height", "steps", "guidance", "n", "weight", "controlnet"}
+        known = {"model", "size", "width", "height", "steps", "guidance", "n", "weight", "controlnet", "lora"}
         unknown = set(item) - known
         if unknown:
             raise ScenarioError(f"{spot}: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -261,7 +265,7 @@ def draw_requests(mix: Sequence[RequestClass], count: int, rng: random.Random, p
         requests.append(BenchRequest(
             id=f"{prefix}-{index:05d}", model=item.model, prompt=rng.choice(PROMPTS), width=item.width,
             height=item.height, steps=item.steps, guidance=item.guidance, seed=rng.randrange(2**31 - 1), n=item.n,
-            controlnet=item.controlnet,
+            controlnet=item.controlnet, lora=item.lora,
         ))
     return requests
 

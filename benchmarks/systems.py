@@ -146,6 +146,8 @@ class KilnHttp:
         }
         if request.controlnet:
             body["controlnet"] = [{"name": request.controlnet, "image": control_image(request.width, request.height)}]
+        if request.lora:
+            body["lora"] = [{"name": request.lora}]
         sent = time.monotonic()
         error = None
         try:

@@ -270,17 +270,21 @@ class ReplicaSet:
         return [(report, _stats(report["stats"])) for report in self.replica_reports() if report["stats"]]
 
     def stats(self) -> EndpointStats:
-        """The sum over live replicas."""
+        """The sum over live replicas (the parts' figures, such as resident LoRAs, summed by name)."""
         total: dict[str, Any] = {}
+        extra: dict[str, tuple[str, float]] = {}
         for _, stats in self.replica_stats():
             for key, value in dataclasses.asdict(stats).items():
                 if key == "forward_rows":
                     rows = total.setdefault(key, {})
                     for size, count in value.items():
                         rows[size] = rows.get(size, 0) + count
+                elif key == "extra":
+                    for name, help_text, figure in value:
+                        extra[name] = (help_text, extra.get(name, (help_text, 0))[1] + figure)
                 else:
                     total[key] = total.get(key, 0) + value
-        return EndpointStats(**total)
+        return EndpointStats(**total, extra=tuple((name, *figures) for name, figures in extra.items()))
 
 
 class RayModelRegistry(ModelRegistry):

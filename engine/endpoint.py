@@ -24,6 +24,7 @@ class EndpointStats:
     step_seconds: float = 0.0
     forward_seconds: float = 0.0
     forward_rows: Mapping[int, int] = field(default_factory=dict)  # rows per forward -> how many forwards
+    extra: tuple[tuple[str, str, float], ...] = ()  # (metric name, help, value) from the model's parts (LoRA)
 
 
 @runtime_checkable

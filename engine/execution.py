@@ -92,7 +92,7 @@ class Executor:
     def execute(self, plan: StepPlan) -> StepResult:
         self._result = result = StepResult()
         for job_id in plan.dropped:
-            self.states.pop(job_id, None)
+            self._free(job_id)
         with self._timed("decode"):
             self._decode([self.states[i] for i in plan.decode if i in self.states])
         with self._timed("admit"):
@@ -112,7 +112,13 @@ class Executor:
             log.warning("request %s failed: %r", job.request_id, error, exc_info=error)
             error = EngineError(f"{type(error).__name__}: {error}")
         self._result.failed[job.id] = error
-        self.states.pop(job.id, None)
+        self._free(job.id)
+
+    def _free(self, job_id: int) -> None:
+        """Forget a job's state; its parts release what they held for it (a LoRA slot)."""
+        self.states.pop(job_id, None)
+        for part in self.parts:
+            part.release(job_id)
 
     def _isolated(self, items: list, compute: Callable[[list], list[Result]]) -> dict[Any, Result]:
         """compute(items) -> one result per item, retried in halves on out-of-memory and one by one on other
@@ -303,7 +309,7 @@ class Executor:
 
                 for state, image in self._isolated(chunk, decode).items():
                     self._result.images[state.job.id] = image
-                    self.states.pop(state.job.id, None)
+                    self._free(state.job.id)
 
 
 class _Timer:

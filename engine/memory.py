@@ -51,6 +51,20 @@ class BatchBudget:
         return max(1, min(self.max_batch_size, fitting))
 
 
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free on `device` now: the GPU's, or the host's MemAvailable for a CPU (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def batch_budget(family: Any, requested: int | None, size: tuple[int, int]) -> BatchBudget:
     """The launch's budget: a given `max_batch_size` as it is; "auto" (None) measured on a CUDA device, 16
     elsewhere. Runs before the backend is in place, so the eager denoiser is measured (compiled backends and

@@ -15,6 +15,8 @@ from kiln.engine.backends import BACKEND_NAMES, package_unavailable
 from kiln.engine.catalogue import CATALOGUE, ModelSpec
 from kiln.engine.coerce import Unparsable, is_none_word, to_bool, to_int
 from kiln.engine.errors import InvalidRequest
+from kiln.engine.lora_options import OPTION_SCHEMAS as LORA_SCHEMAS
+from kiln.engine.lora_options import LoraOptions, check_option, parse_lora_options
 
 DTYPES = ("float32", "float16", "bfloat16")
 HALF_DTYPES = frozenset({"float16", "bfloat16"})
@@ -59,6 +61,7 @@ class LaunchOptions:
     # Resident ControlNets: (name, local path or None for the catalogue's hub id), in launch order.
     controlnet: tuple[tuple[str, str | None], ...] = ()
     controlnet_lanes: str = "shared"  # "split": jobs with ControlNet get lanes of their own (a benchmark baseline)
+    lora: LoraOptions = LoraOptions()  # peft_model_config, max_loras, lora_dir, ... (engine/lora_options.py)
 
     @property
     def eager_only(self) -> str | None:
@@ -219,8 +222,9 @@ def _variant(name: str, value: object) -> str | None:
 
 @dataclass(frozen=True)
 class LaunchOption:
-    """One launch option: the LaunchOptions field it sets (None: checked, then dropped), how its value is read,
-    and what the API document says about it (`schema` is the JSON schema of the values it accepts)."""
+    """One launch option: the LaunchOptions field it sets (None: checked, then dropped, or read with its group:
+    the LoRA options make `LaunchOptions.lora` together), how its value is read, and what the API document says
+    about it (`schema` is the JSON schema of the values it accepts)."""
 
     field: str | None
     parse: Callable[[str, object], object]
@@ -302,6 +306,8 @@ LAUNCH_OPTIONS: Mapping[str, LaunchOption] = {
     "controlnet_lanes": LaunchOption("controlnet_lanes", _choice(CONTROLNET_LANES), _enum(CONTROLNET_LANES),
                                      "shared: ControlNet and plain jobs in the same forwards; split: apart (a "
                                      "benchmark baseline)."),
+    **{name: LaunchOption(None, check_option, schema, description)
+       for name, (schema, description) in LORA_SCHEMAS.items()},
 }
 
 
@@ -311,10 +317,13 @@ def parse_launch_options(spec: ModelSpec, raw: Mapping[str, object]) -> LaunchOp
     if unknown:
         raise LaunchOptionError(f"unknown launch option {unknown[0]!r}; accepted: {', '.join(LAUNCH_OPTIONS)}",
                                 unknown[0])
-    fields = {}
-    for name, value in {**spec.default_launch, **raw}.items():
+    given = {**spec.default_launch, **raw}
+    fields: dict[str, object] = {"lora": parse_lora_options({k: v for k, v in given.items() if k in LORA_SCHEMAS})}
+    for name, value in given.items():
         option = LAUNCH_OPTIONS[name]
-        fields[option.field] = option.parse(name, value)
+        parsed = option.parse(name, value)
+        if option.field is not None:
+            fields[option.field] = parsed
     options = _check_memory_options(spec, LaunchOptions(**fields))
     _check_text_encoders(spec, options, explicit=_names("quantize_text_encoder", raw.get("quantize_text_encoder")))
     if options.drop_text_encoder_3 and "text_encoder_3" in options.quantize_text_encoder:

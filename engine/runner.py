@@ -10,6 +10,7 @@ thread alone, so no lock is held around model code.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -17,6 +18,7 @@ import torch
 from .backends import SPECIFIC_BACKENDS
 from .backends.launch import launch_backend
 from .catalogue import ModelSpec
+from .endpoint import EndpointStats
 from .errors import EngineError, InvalidRequest, ModelLoadError, QueueFull
 from .execution import Executor
 from .families import make_family
@@ -44,7 +46,8 @@ class Runner(ModelWorker):
     def __init__(self, uid: str, spec: ModelSpec, options: LaunchOptions, limits: Limits = Limits()):
         super().__init__(uid, spec, options)
         self.limits = limits
-        self.scheduler = Scheduler(options.max_batch_size or CPU_BATCH_SIZE, options.max_queue_size)  # set by load
+        self.scheduler = Scheduler(options.max_batch_size or CPU_BATCH_SIZE, options.max_queue_size,  # set by load
+                                   admission=self._admission)
         self.loaded: LoadedModel | None = None
         self.executor: Executor | None = None
         self.parts: list[Part] = []
@@ -72,7 +75,10 @@ class Runner(ModelWorker):
             family = make_family(self.spec.family, self.loaded.pipeline, self.loaded.device, self.loaded.dtype)
             budget = batch_budget(family, self.options.max_batch_size, self.spec.default_size)
             self.scheduler.max_batch_size = budget.max_batch_size
-            self.parts = make_parts(self.spec, self.options, family)
+            # Parts before the backend, which compiles or exports what they change (LoRA slot layers, fused LoRAs).
+            self.parts = make_parts(self.spec, replace(self.options, max_batch_size=budget.max_batch_size), family)
+            for part in self.parts:
+                part.wake = self._wake
             self.backend_info = launch_backend(
                 self.options.backend, family, model=self.spec.name, source=self.loaded.source,
                 max_batch_size=budget.max_batch_size,
@@ -145,7 +151,10 @@ class Runner(ModelWorker):
     def describe(self) -> dict:
         parts = {key: value for part in self.parts for key, value in part.describe().items()}
         return {**super().describe(), "backend": self.backend_info, "memory_bytes": self.memory_bytes,
-                "controlnet": None, **parts}
+                "controlnet": None, "lora": None, **parts}
+
+    def stats(self) -> EndpointStats:
+        return replace(super().stats(), extra=tuple(metric for part in self.parts for metric in part.metrics()))
 
     @property
     def memory_bytes(self) -> int | None:
@@ -162,6 +171,14 @@ class Runner(ModelWorker):
 
     def _cancel(self, request_id: str) -> None:
         self.scheduler.abort(request_id)
+
+    def _admission(self):
+        """The scheduler's admission round: the gates of the parts that may hold jobs back (a LoRA not yet in a
+        slot), each asked about the jobs that use it."""
+        gates = [(part, gate) for part in self.parts if (gate := part.admission()) is not None]
+        if not gates:
+            return None
+        return lambda job: all(gate(job) for part, gate in gates if part.used_by(job.request))
 
     def _loop(self) -> None:
         while not self._stopping.is_set():

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .errors import QueueFull, RequestAborted
 from .requests import JobSpec, LaneKey
@@ -97,6 +97,9 @@ class Failed:
 
 
 Event = Progress | Preview | Finished | Failed
+# One round of admission: called once per schedule(), it returns the gate asked about each waiting job in queue
+# order (False: the job keeps waiting, e.g. until its LoRA is resident), or None to admit as usual.
+Admission = Callable[[], Callable[[JobSpec], bool] | None]
 
 
 @dataclass(eq=False)
@@ -109,11 +112,16 @@ class _Record:
 
 class Scheduler:
     """FCFS admission into lanes, bounded by `max_batch_size` active jobs; lanes step in round-robin; a job
-    whose last step ran is decoded at the next iteration (and no longer counts as active)."""
+    whose last step ran is decoded at the next iteration (and no longer counts as active).
 
-    def __init__(self, max_batch_size: int, max_queue_size: int):
+    `admission` (optional) may hold waiting jobs back; the others pass them in queue order. While held-back jobs
+    are all that waits, the queue alone does not wake the loop: `add`, `abort`, `wake` and any job leaving do."""
+
+    def __init__(self, max_batch_size: int, max_queue_size: int, admission: Admission | None = None):
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
+        self.admission = admission
+        self._held = False  # the last round held every job still waiting back
         self._waiting: deque[_Record] = deque()
         self._lanes: OrderedDict[LaneKey, list[_Record]] = OrderedDict()
         self._finished: list[_Record] = []
@@ -136,17 +144,20 @@ class Scheduler:
                 record = _Record(job)
                 self._records[job.id] = record
                 self._waiting.append(record)
+            self._held = False
             self._work.notify()
 
     def abort(self, request_id: str) -> None:
         """Take the request's jobs out now; the next plan drops the admitted ones' state."""
         with self._lock:
             self._end(request_id, RequestAborted(f"The request has been cancelled: {request_id}"))
+            self._held = False
             self._work.notify()
 
     def wake(self) -> None:
-        """Make a waiting loop look again (at shutdown)."""
+        """Make a waiting loop look again (at shutdown, or once what a held-back job waits for is ready)."""
         with self._lock:
+            self._held = False
             self._work.notify()
 
     def wait_for_work(self, timeout: float) -> bool:
@@ -170,12 +181,19 @@ class Scheduler:
         with self._lock:
             decode = tuple(record.job.id for record in self._finished)
             admitted = []
+            gate = self.admission() if self.admission is not None else None
+            held: list[_Record] = []
             while self._waiting and self._active < self.max_batch_size:
                 record = self._waiting.popleft()
+                if gate is not None and not gate(record.job):
+                    held.append(record)
+                    continue
                 record.admitted = True
                 self._lanes.setdefault(record.job.lane, []).append(record)
                 admitted.append(record.job)
                 self._active += 1
+            self._waiting.extendleft(reversed(held))
+            self._held = bool(held) and len(held) == len(self._waiting)
             lane, stepping = None, ()
             if self._lanes:
                 lane, records = next(iter(self._lanes.items()))
@@ -189,6 +207,8 @@ class Scheduler:
         whole request leaves); return the events for the requests' handles."""
         events: list[Event] = []
         with self._lock:
+            if result.images or result.failed or plan.dropped:
+                self._held = False  # a job left: what it held (a LoRA slot) may be free now
             for job_id, total in result.admitted.items():
                 if job_id in self._records:
                     self._records[job_id].total = total
@@ -217,7 +237,7 @@ class Scheduler:
 
     # --- bookkeeping (under the lock) --------------------------------------------------------------------
     def _has_work(self) -> bool:
-        return bool(self._waiting or self._lanes or self._finished or self._to_free or self._ended)
+        return bool((self._waiting and not self._held) or self._lanes or self._finished or self._to_free or self._ended)
 
     def _end(self, request_id: str, error: BaseException) -> None:
         """Remove every job of the request; admitted ones go to the next plan's `dropped`."""

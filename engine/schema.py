@@ -26,6 +26,8 @@ from .coerce import Unparsable, is_none_word, to_bool, to_float, to_int, to_json
 from .controlnet_units import MAX_SCALE, read_numbers, read_units
 from .errors import InvalidRequest
 from .images import FORMATS
+from .lora_options import MAX_SCALE as MAX_LORA_SCALE
+from .lora_options import read_loras
 from .requests import MAX_SEED, ImageRequest
 from .samplers import sampler_names
 
@@ -88,6 +90,10 @@ CONTROLNET_UNITS = Kind(read_units, {"type": "array", "items": {"type": "object"
     "scale": {"type": "number"}, "start": {"type": "number"}, "end": {"type": "number"},
     "guess_mode": {"type": "boolean"}, "preprocess": {"enum": ["canny"]}, "low": {"type": "integer"},
     "high": {"type": "integer"}}}})
+_LORA_ITEM = {"type": "object", "required": ["name"],
+              "properties": {"name": {"type": "string"}, "scale": {"type": "number", "minimum": -MAX_LORA_SCALE,
+                                                                   "maximum": MAX_LORA_SCALE}}}
+LORAS = Kind(read_loras, {"oneOf": [_LORA_ITEM, {"type": "array", "items": _LORA_ITEM}]})
 
 Bound = float | str | None  # a number, or the name of a Limits field
 
@@ -177,6 +183,11 @@ PARAMETERS: Mapping[str, Parameter] = {p.name: p for p in (
     Parameter("control_guidance_end", NUMBERS, "Fraction of the steps where ControlNet stops (one, or one per unit).",
               0, 1, part="controlnet"),
     Parameter("guess_mode", BOOLEAN, "diffusers' ControlNet guess mode (SD, SDXL).", part="controlnet"),
+    Parameter("lora", LORAS, "LoRAs: {name, scale} or a list of them; [] is none; absent: the launch default.",
+              part="lora"),
+    Parameter("lora_name", TEXT, "One LoRA by name (with lora_scale), as Dify's Xinference plugin asks.",
+              part="lora"),
+    Parameter("lora_scale", NUMBER, "The scale of lora_name (default 1).", -MAX_LORA_SCALE, MAX_LORA_SCALE, part="lora"),
 )}
 
 

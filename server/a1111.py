@@ -6,7 +6,8 @@ A field is one of:
 - mapped onto a Kiln request parameter (`engine.schema.PARAMETERS`, which checks it): prompt, negative_prompt,
   seed, steps, cfg_scale, width, height, sampler_name, denoising_strength (img2img);
 - read here: batch_size x n_iter images, scheduler (Karras), override_settings.sd_model_checkpoint, init images,
-  the mask and its inversion, send_images, include_init_images, disable_extra_networks;
+  the mask and its inversion, send_images, include_init_images, disable_extra_networks, and the prompt's
+  `<lora:name:weight>` tags, which become the request's `lora` field;
 - accepted and without effect: A1111's saving, UI and sampler-noise knobs, and the inpainting refinements Kiln
   does not run (its inpainting binarises the mask on the latent grid, as diffusers' pipelines do);
 - accepted at its default only (anything else is a 400 naming it): hires fix, face restoration, tiling, variation
@@ -60,7 +61,8 @@ _BOOL = {"type": ["boolean", "null"]}
 _OBJECT = {"type": "object"}
 
 COMMON: Mapping[str, Field] = {
-    "prompt": _mapped("prompt", ""),
+    "prompt": _mapped("prompt", "", " <lora:name:weight> tags pick the model's LoRAs (its `lora` field) and are "
+                      "removed from the text."),
     "negative_prompt": _mapped("negative_prompt", ""),
     "seed": _mapped("seed", -1, " Image i of the request gets seed + i."),
     "steps": _mapped("num_inference_steps", None, " (A1111's steps; absent: the model's default)"),
@@ -164,7 +166,6 @@ class Reading:
     sampler_requested: str | None
     scheduler: str
     send_images: bool
-    loras: list[tuple[str, float]]  # parsed <lora:name:weight> tags (none until the LoRA feature lands)
     init_images: list[str]
     mask: str | None
     invert_mask: bool
@@ -197,7 +198,8 @@ def read_body(body: Mapping[str, Any], fields: Mapping[str, Field], flow: bool) 
     negative, _ = extra_networks(value("negative_prompt"), True)  # A1111 reads extra networks in the prompt only
     sampler, requested = _sampler(body.get("sampler_name"), value("scheduler"), flow)
     kiln = {"prompt": prompt, "negative_prompt": negative or None, "seed": value("seed"), "n": batch_size * n_iter,
-            "sampler_name": sampler, "kwargs": body.get("kwargs")}
+            "sampler_name": sampler, "kwargs": body.get("kwargs"),
+            "lora": [{"name": name, "scale": scale} for name, scale in loras] or None}
     for name, field in fields.items():
         if field.treatment == MAPPED and field.parameter not in kiln and body.get(name) is not None:
             kiln[field.parameter] = body[name]
@@ -207,24 +209,23 @@ def read_body(body: Mapping[str, Any], fields: Mapping[str, Field], flow: bool) 
         fields={key: item for key, item in kiln.items() if item is not None}, count=batch_size * n_iter,
         batch_size=batch_size, model=requested_model(body), sampler_requested=requested,
         scheduler=str(value("scheduler")),
-        send_images=read_as("send_images", to_bool, value("send_images")), loras=loras,
+        send_images=read_as("send_images", to_bool, value("send_images")),
         init_images=_images(body.get("init_images")) if "init_images" in fields else [],
         mask=body.get("mask") or None, invert_mask=_invert(body.get("inpainting_mask_invert")),
         include_init_images=read_as("include_init_images", to_bool, value("include_init_images") or False),
     )
 
 
-# The extra networks of A1111's prompt syntax: <lora:name:weight>, <lyco:...>, <hypernet:...>.
-EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>")
+# The extra networks of A1111's prompt syntax: <lora:name:weight>, <lyco:...> (LyCORIS, read as LoRA files by
+# later A1111 versions too), <hypernet:...>; a fourth part is A1111's separate UNet multiplier.
+EXTRA_NETWORK = re.compile(r"<(lora|lyco|hypernet):([^:<>]+)(?::([^:<>]*))?(?::([^<>]*))?>")
 
 
 def extra_networks(prompt: Any, disabled: bool) -> tuple[Any, list[tuple[str, float]]]:
-    """The prompt without its extra-network tags, and the LoRAs they name (name, weight; weight 1 by default).
-
-    Kiln's per-request LoRAs have not landed yet: a tag is therefore a 400 naming the prompt, unless
-    disable_extra_networks is set, when A1111 too drops them. Once the LoRA feature lands, the returned list
-    becomes the request's `lora` field here instead of the 400.
-    """
+    """The prompt without its extra-network tags, and the LoRAs they name (name, weight; weight 1 by default),
+    for the request's `lora` field (the model's LoRA part checks the names). With disable_extra_networks the tags
+    are dropped, as A1111 does. Kiln applies one scale per LoRA to the denoiser and text encoders alike and has
+    no hypernetworks, so a separate UNet multiplier or a hypernet tag is a 400."""
     if not isinstance(prompt, str):
         return prompt, []
     tags = EXTRA_NETWORK.findall(prompt)
@@ -234,16 +235,19 @@ def extra_networks(prompt: Any, disabled: bool) -> tuple[Any, list[tuple[str, fl
     if disabled:
         return stripped, []
     loras = []
-    for kind, name, weight in tags:
+    for kind, name, weight, unet in tags:
+        if kind == "hypernet":
+            raise InvalidRequest(f"<hypernet:{name}>: Kiln has no hypernetworks; remove the tag, or send "
+                                 "disable_extra_networks: true to drop extra-network tags", "prompt",
+                                 "unsupported_option")
+        if unet.strip():
+            raise InvalidRequest(f"<{kind}:{name}:{weight}:{unet}>: Kiln applies one weight per LoRA to the UNet and "
+                                 f"text encoders alike; write <{kind}:{name}:{weight}>", "prompt", "unsupported_option")
         try:
             loras.append((name.strip(), float(weight) if weight.strip() else 1.0))
         except ValueError:
             raise InvalidRequest(f"<{kind}:{name}:{weight}>: the weight must be a number", "prompt") from None
-    raise InvalidRequest(
-        f"the prompt asks for {', '.join(f'<{kind}:{name}>' for kind, name, _ in tags)}, but this Kiln has no "
-        "per-request LoRAs yet; remove the tags, or send disable_extra_networks: true to drop them", "prompt",
-        "unsupported_option",
-    )
+    return stripped, loras
 
 
 def _sampler(name: Any, scheduler: Any, flow: bool) -> tuple[str, str | None]:

@@ -140,18 +140,32 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.endpoint, api_key=args.api_key)
 
 
+def peft_model_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Xinference's `--lora-modules NAME PATH` (repeatable), `--image-lora-load-kwargs K V` and
+    `--image-lora-fuse-kwargs K V` as the launch field its CLI builds from them (values coerced as options)."""
+    if not (args.lora_modules or args.lora_load_kwargs or args.lora_fuse_kwargs):
+        return None
+    return {
+        "lora_list": [{"lora_name": name, "local_path": path} for name, path in args.lora_modules],
+        "image_lora_load_kwargs": {key: coerce_option(value) for key, value in args.lora_load_kwargs} or None,
+        "image_lora_fuse_kwargs": {key: coerce_option(value) for key, value in args.lora_fuse_kwargs} or None,
+    }
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     """Launch and wait for the load (wait_ready=true, in a thread), drawing the launch progress as Xinference's
     CLI does. A failed load answers with the server's own status (400 for the user's mistake, such as weights not
     in the cache) and message, and its uid is freed. Ctrl-C cancels the launch (Xinference's CLI asks first; here
     the interrupt is the answer)."""
     uid = args.model_uid or args.model_name
+    peft = peft_model_config(args)
+    options = {**args.options, **({"peft_model_config": peft} if peft else {})}
     outcome: dict[str, Any] = {}
 
     def launch(client: Client) -> None:
         try:
             outcome["uid"] = client.launch_model(args.model_name, args.model_type, model_uid=args.model_uid,
-                                                 model_path=args.model_path, wait_ready=True, **args.options)
+                                                 model_path=args.model_path, wait_ready=True, **options)
         except Exception as error:  # noqa: BLE001 - re-raised on the main thread
             outcome["error"] = error
 
@@ -296,7 +310,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_tiny_build(args: argparse.Namespace) -> int:
     from kiln.engine.tiny import build_all
 
-    for path in build_all(args.directory, args.model or None):
+    for path in build_all(args.directory, args.model or None, loras=not args.no_loras):
         print(path)
     return 0
 
@@ -360,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("-t", "--model-type", "--model_type", dest="model_type", default="image")
     launch.add_argument("-u", "--model-uid", "--model_uid", dest="model_uid")
     launch.add_argument("-mp", "--model-path", "--model_path", dest="model_path")
+    for short, long, dest, metavar in (("-lm", "--lora-modules", "lora_modules", ("NAME", "PATH")),
+                                       ("-ld", "--image-lora-load-kwargs", "lora_load_kwargs", ("KEY", "VALUE")),
+                                       ("-fd", "--image-lora-fuse-kwargs", "lora_fuse_kwargs", ("KEY", "VALUE"))):
+        launch.add_argument(short, long, long.replace("-", "_").replace("__", "--"), dest=dest, nargs=2,
+                            action="append", default=[], metavar=metavar, help="(repeatable; as Xinference's CLI)")
     _add_endpoint(launch)
     launch.set_defaults(handler=cmd_launch)
 
@@ -404,10 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("tiny", help="tiny random-weight checkpoints")
     tiny_commands = tiny.add_subparsers(dest="tiny_command", required=True, metavar="COMMAND")
-    build = tiny_commands.add_parser("build", help="build tiny checkpoints into DIR/<name>")
+    build = tiny_commands.add_parser("build", help="build tiny checkpoints into DIR/<name> and their LoRAs into "
+                                     "DIR/loras/<name>")
     build.add_argument("directory", type=Path, metavar="DIR")
     build.add_argument("--model", nargs="+", choices=list(CATALOGUE), metavar="NAME",
                        help="catalogue names (default: all)")
+    build.add_argument("--no-loras", action="store_true", help="skip the tiny LoRAs (DIR/loras/<name>/)")
     build.set_defaults(handler=cmd_tiny_build)
 
     _add_contributed_commands(commands)

@@ -144,6 +144,13 @@ def render(endpoints: Iterable[ModelEndpoint], latency: RequestLatency, stored_f
     for name, help_text, value in counters:
         family(name, "counter", help_text, [name + sample for sample in per_model(value)])
 
+    extra: dict[str, tuple[str, list[str]]] = {}  # what parts add (LoRA residency), one family per name
+    for labels, stats, _ in models:
+        for name, help_text, value in stats.extra:
+            extra.setdefault(name, (help_text, []))[1].append(f"{name}{{{labels}}} {value}")
+    for name, (help_text, samples) in extra.items():
+        family(name, "counter" if name.endswith("_total") else "gauge", help_text, samples)
+
     rows_lines = []
     for labels, stats, _ in models:
         histogram = Histogram(ROWS_BUCKETS)

@@ -57,7 +57,8 @@ INSTANCE_STATUS: Mapping[str, str] = {"created": "CREATING", "loading": "LOADING
                                       "failed": "ERROR", "stopped": "TERMINATED"}
 ENDED_KEPT = 64  # instances that ended (terminated, cancelled, failed to launch) still listed, newest last
 # Fields the xinference client sends on every launch -> the values Kiln can honour (None always can; the
-# model's own engine is always accepted as model_engine).
+# model's own engine is always accepted as model_engine). Its peft_model_config is a launch option
+# (engine/lora_options.py).
 CLIENT_FIELDS: Mapping[str, tuple[Any, ...]] = {
     "model_engine": (),
     "model_size_in_billions": (),
@@ -70,7 +71,6 @@ CLIENT_FIELDS: Mapping[str, tuple[Any, ...]] = {
     "worker_ip": (),
     "gpu_idx": (),
     "replica_config": ({},),
-    "peft_model_config": ({},),
     "download_hub": (),
     "enable_thinking": (False,),
     "enable_virtual_env": (False,),

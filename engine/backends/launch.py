@@ -30,12 +30,13 @@ log = logging.getLogger("kiln.engine")
 
 def weights_fingerprint(family: Any, source: str | None, cache: Any) -> str:
     """A fingerprint of the denoiser's weights: its checkpoint folder's files when there is one, else its
-    tensors."""
+    tensors; plus what changed them after loading (fused LoRAs: `family.weights_tag`)."""
+    tag = f"+{family.weights_tag}" if family.weights_tag else ""
     if source:
         folder = Path(source) / family.spec.denoiser
         if folder.is_dir():
-            return folder_fingerprint(folder, memo_root=cache.root / "fingerprints")
-    return module_fingerprint(family.denoiser.model)
+            return folder_fingerprint(folder, memo_root=cache.root / "fingerprints") + tag
+    return module_fingerprint(family.denoiser.model) + tag
 
 
 def export_sizes(stride: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -26,6 +26,8 @@ class Family:
     spec: FamilySpec  # what the family is (stride, flow, text encoders, ...), torch-free
     # Linear latent -> RGB factors (rows: latent channels) for cheap streaming previews; None: channel mean.
     preview_factors: list[list[float]] | None = None
+    # What changed the denoiser's weights after loading (LoRAs fused at launch): part of every engine cache key.
+    weights_tag: str = ""
 
     def __init__(self, pipeline: Any, device: torch.device, dtype: torch.dtype):
         self.pipeline = pipeline

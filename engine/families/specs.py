@@ -36,6 +36,7 @@ class FamilySpec:
     controlnet: str = ""  # the diffusers ControlNet model class that fits the denoiser
     # ability -> diffusers' ControlNet pipeline class: what Kiln's ControlNet images are checked against.
     controlnet_pipelines: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    lora_loader: str = ""  # the diffusers LoRA loader mixin whose lora_state_dict reads this family's LoRA files
 
     @property
     def rows_per_job(self) -> int:
@@ -67,6 +68,7 @@ SD = FamilySpec(
     text_encoders=("text_encoder",), denoiser="unet", adapter="sd:SDFamily", controlnet="ControlNetModel",
     controlnet_pipelines=_pipelines("StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
                                     "StableDiffusionControlNetInpaintPipeline"),
+    lora_loader="StableDiffusionLoraLoaderMixin",
 )
 SDXL = FamilySpec(
     name="sdxl", stride=8, flow=False, cfg=True,
@@ -76,6 +78,7 @@ SDXL = FamilySpec(
     controlnet="ControlNetModel",
     controlnet_pipelines=_pipelines("StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
                                     "StableDiffusionXLControlNetInpaintPipeline"),
+    lora_loader="StableDiffusionXLLoraLoaderMixin",
 )
 SD3 = FamilySpec(
     name="sd3", stride=16, flow=True, cfg=True,
@@ -85,6 +88,7 @@ SD3 = FamilySpec(
     adapter="sd3:SD3Family", max_sequence_length=256, controlnet="SD3ControlNetModel",
     # diffusers' SD3 ControlNet inpainting pipeline is for inpainting ControlNets (mask as extra channels).
     controlnet_pipelines=MappingProxyType({TEXT2IMAGE: "StableDiffusion3ControlNetPipeline"}),
+    lora_loader="SD3LoraLoaderMixin",
 )
 FLUX = FamilySpec(
     name="flux", stride=16, flow=True, cfg=False,
@@ -93,6 +97,7 @@ FLUX = FamilySpec(
     max_sequence_length=512, controlnet="FluxControlNetModel",
     controlnet_pipelines=_pipelines("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline",
                                     "FluxControlNetInpaintPipeline"),
+    lora_loader="FluxLoraLoaderMixin",
 )
 
 FAMILY_SPECS: Mapping[str, FamilySpec] = MappingProxyType({spec.name: spec for spec in (SD, SDXL, SD3, FLUX)})

@@ -24,6 +24,28 @@ def test_shipped_scenario_files_parse() -> None:
     assert {item.model for item in mix[0].mix} == {"stable-diffusion-v1.5", "sd-turbo"}
 
 
+def test_the_lora_scenario_file() -> None:
+    """lora.toml: the per-config scenario runs lora-mixed's very requests under its own launch table, and the
+    harness makes the LoRAs its launch tables name into a peft_model_config of files made for the model."""
+    from safetensors.torch import load_file
+
+    from kiln.benchmarks.harness import with_lora_files
+
+    scenarios = {s.name: s for s in load_scenario_file(SCENARIO_DIR / "lora.toml")}
+    mixed, per_config = plan(scenarios["lora-mixed"])[0], plan(scenarios["lora-per-config"])[0]
+    drawn = [[(r.prompt, r.seed, r.lora) for r in p.requests] for p in (mixed, per_config)]
+    assert drawn[0] == drawn[1]
+    assert {r.lora for r in mixed.requests} == {"ink", "neon", "clay", "film", None}
+    assert per_config.launch["lora_batching"] == "per-config" and per_config.launch["backend"] == "eager"
+    assert scenarios["lora-none"].launch == {"backend": "eager"} and not scenarios["lora-none-auto"].launch
+    launch = with_lora_files(scenarios["lora-mixed"]).launch
+    assert "loras" not in launch and launch["max_loras"] == 4
+    listed = launch["peft_model_config"]["lora_list"]
+    assert [entry["lora_name"] for entry in listed] == ["ink", "neon", "clay", "film"]
+    neon = load_file(listed[1]["local_path"])
+    assert any(key.startswith("text_encoder.") for key in neon) and any(key.startswith("unet.") for key in neon)
+
+
 def test_json_scenario_file(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"scenario": [{"kind": "burst", "requests": 3,

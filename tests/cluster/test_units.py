@@ -203,6 +203,29 @@ def test_a_runner_that_stops_stepping_with_work_pending_is_unhealthy(tiny_root) 
         watch.check()
 
 
+def test_a_models_figures_sum_over_its_replicas_parts_included() -> None:
+    """ReplicaSet.stats() over two replicas' reports as they arrive (plain data): counters add, rows per forward
+    add per size, and the parts' figures (resident LoRAs, loads) add by name."""
+    import dataclasses
+    import time
+
+    from kiln.cluster.front import ReplicaSet
+    from kiln.engine.endpoint import EndpointStats
+
+    def report(replica, loads, rows):
+        stats = EndpointStats(images_generated=loads, forward_rows={4: rows},
+                              extra=(("kiln_lora_resident", "LoRAs in per-row slots.", 2),
+                                     ("kiln_lora_loads_total", "LoRAs copied into a slot.", loads)))
+        return {"replica": replica, "at": time.time(), "stats": json.loads(json.dumps(dataclasses.asdict(stats)))}
+
+    replicas = ReplicaSet.__new__(ReplicaSet)  # no Serve application: only the reports matter here
+    replicas._reports = {"a": report("a", 3, 1), "b": report("b", 5, 2)}
+    total = replicas.stats()
+    assert total.images_generated == 8 and total.forward_rows == {4: 3}
+    assert total.extra == (("kiln_lora_resident", "LoRAs in per-row slots.", 4),
+                           ("kiln_lora_loads_total", "LoRAs copied into a slot.", 8))
+
+
 def test_ray_config_is_a_serve_deploy_config(capsys) -> None:
     from kiln.server.cli import main
 

@@ -9,7 +9,7 @@ from .e2e_helpers import run_kiln
 
 
 def test_tiny_build_writes_the_requested_checkpoints(tmp_path: Path) -> None:
-    result = run_kiln("tiny", "build", str(tmp_path), "--model", "sd-turbo", "FLUX.1-schnell")
+    result = run_kiln("tiny", "build", str(tmp_path), "--model", "sd-turbo", "FLUX.1-schnell", "--no-loras")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [str(tmp_path / "sd-turbo"), str(tmp_path / "FLUX.1-schnell")]
     assert json.loads((tmp_path / "sd-turbo" / "model_index.json").read_text())["_class_name"] == (
@@ -22,6 +22,15 @@ def test_tiny_build_writes_the_requested_checkpoints(tmp_path: Path) -> None:
     assert sorted(path.name for path in controlnets.iterdir()) == ["canny", "depth", "hed", "openpose", "scribble"]
     assert json.loads((controlnets / "canny" / "config.json").read_text())["_class_name"] == "ControlNetModel"
     assert not (tmp_path / "FLUX.1-schnell" / "controlnets").exists()
+
+
+def test_tiny_build_writes_tiny_loras_made_for_each_checkpoint(tmp_path: Path) -> None:
+    result = run_kiln("tiny", "build", str(tmp_path), "--model", "stable-diffusion-v1.5")
+    assert result.returncode == 0, result.stderr
+    loras = tmp_path / "loras" / "stable-diffusion-v1.5"
+    assert result.stdout.splitlines() == [str(tmp_path / "stable-diffusion-v1.5"), str(loras)]
+    assert sorted(path.name for path in loras.iterdir()) == [
+        "detail.safetensors", "kohya.safetensors", "style.safetensors", "text.safetensors"]
 
 
 def test_tiny_build_rejects_unknown_names(tmp_path: Path) -> None:

@@ -175,11 +175,18 @@ def test_an_interrupt_before_any_image_finished_is_409(kiln, serial) -> None:
 
 
 def test_extra_network_tags(kiln) -> None:
+    """A <lora:...> tag is the request's lora field (tests/server/test_lora_http.py runs one on a LoRA model):
+    on a model launched without LoRAs it is LoRA's 400; what Kiln cannot apply is a 400 naming the tag."""
     body = {"prompt": "a fox <lora:film-grain:0.7> in snow", "model": "sd", **SMALL}
-    error = assert_error(kiln.http.post("/sdapi/v1/txt2img", json=body), 400, "<lora:film-grain>", "LoRA")
-    assert error["param"] == "prompt"
+    error = assert_error(kiln.http.post("/sdapi/v1/txt2img", json=body), 400, "film-grain@0.7",
+                         "launched without LoRAs")
+    assert error["param"] == "lora"
     response = kiln.http.post("/sdapi/v1/txt2img", json={**body, "disable_extra_networks": True})
     assert json.loads(response.json()["info"])["prompt"] == "a fox in snow"
+    for tag, words in (("<lora:grain:0.5:0.2>", "one weight per LoRA"), ("<hypernet:anime>", "no hypernetworks"),
+                       ("<lora:grain:much>", "must be a number")):
+        error = assert_error(kiln.http.post("/sdapi/v1/txt2img", json={**body, "prompt": f"a fox {tag}"}), 400, words)
+        assert error["param"] == "prompt"
 
 
 RED = base64.b64encode(png_bytes((64, 64), (200, 40, 40))).decode()
