@@ -114,6 +114,27 @@ def test_a_lora_set_id_is_its_sorted_names() -> None:
     assert lora_set_id([]) == "" and lora_set_names("") == []
 
 
+def test_the_front_sends_the_loras_a_request_runs_with_as_its_lora_set() -> None:
+    from kiln.cluster.wire import request_lora_set
+    from kiln.engine.lora_options import LoraOptions, LoraSource
+    from kiln.engine.options import LaunchOptions
+
+    launch = (LoraSource("style", "/loras/style.safetensors"), LoraSource("text", "/loras/text.safetensors", 0.5))
+    per_row = LaunchOptions(lora=LoraOptions(loras=launch, max_loras=2))
+
+    def asking(**inputs) -> ImageRequest:
+        return ImageRequest("r", 64, 64, 4, 0.0, part_inputs={"lora": inputs} if inputs else {})
+
+    assert request_lora_set(asking(), per_row) == "style/text"  # the launch default: every launch LoRA
+    assert request_lora_set(asking(lora=[{"name": "text", "scale": 2.0}, "detail"]), per_row) == "detail/text"
+    assert request_lora_set(asking(lora_name="detail", lora_scale=0.3), per_row) == "detail"
+    assert request_lora_set(asking(lora=[]), per_row) == ""
+    with pytest.raises(InvalidRequest, match="twice"):
+        request_lora_set(asking(lora=["text", "text"]), per_row)
+    fused = LaunchOptions(lora=LoraOptions(loras=launch))  # max_loras 0: in every replica's weights
+    assert request_lora_set(asking(), fused) == "" and request_lora_set(asking(), LaunchOptions()) == ""
+
+
 def test_routing_prefers_a_replica_holding_the_loras_while_it_is_not_too_busy() -> None:
     pytest.importorskip("ray.serve")
     from kiln.cluster.routing import rank
