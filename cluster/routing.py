@@ -83,11 +83,6 @@ class Bookings:
         self._sent = {other: sent for other, sent in self._sent.items() if sent.at > now - SENT_MEMORY_S}
         self._sent[key] = _Booking(request_id, replica, now, work, loras)
 
-    def move(self, key: str, replica: Hashable) -> None:
-        """The request went to another replica than the one it was booked to."""
-        if key in self._sent:
-            self._sent[key].replica = replica
-
     def complete(self, key: str) -> None:
         if key in self._sent:
             self._sent[key].done = True
@@ -103,9 +98,10 @@ class Bookings:
 
 
 class KilnRouter(FIFOMixin, MultiplexMixin, RequestRouter):
-    """Serve's RequestRouter over `rank` and `Bookings`: a request is booked to the first-ranked replica when it
-    is chosen (Serve takes it unless that replica is at max_ongoing_requests), moved if Serve sent it to
-    another, and marked done when Serve completes it."""
+    """Serve's RequestRouter over `rank` and `Bookings`. A request is booked to its first-ranked replica when it
+    is chosen, and again to the replica Serve sends it to (Serve skips a replica at max_ongoing_requests, and
+    hands a chosen replica to the oldest pending request of the same LoRA set, or else the oldest); it is marked
+    done when Serve completes it."""
 
     def initialize_state(self, **kwargs: Any) -> None:
         self._bookings = Bookings()
@@ -113,23 +109,32 @@ class KilnRouter(FIFOMixin, MultiplexMixin, RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         payload = _payload(pending_request)
-        loras = lora_set_names(pending_request.metadata.multiplexed_model_id) if pending_request else []
-        work = request_work(payload) if payload else 0.0
         candidates = random.sample(candidate_replicas, len(candidate_replicas))  # ties go either way
         by_id = {replica.replica_id: replica for replica in candidates}
         estimates = {replica_id: self._bookings.estimate(replica_id, replica.routing_stats or {})
                      for replica_id, replica in by_id.items()}
-        ranked = rank(estimates, lane_of(payload) if payload else None, loras, work)
-        if payload and ranked:
-            self._bookings.book(pending_request.metadata.internal_request_id, payload["request_id"], ranked[0],
-                                work, loras, time.time())
+        ranked = rank(estimates, lane_of(payload) if payload else None, _loras(pending_request),
+                      request_work(payload) if payload else 0.0)
+        if ranked:
+            self._book(pending_request, ranked[0])
         return [[by_id[replica_id]] for replica_id in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
-        self._bookings.move(pending_request.metadata.internal_request_id, replica_id)
+        self._book(pending_request, replica_id)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
         self._bookings.complete(internal_request_id)
+
+    def _book(self, pending_request: PendingRequest | None, replica_id: Any) -> None:
+        payload = _payload(pending_request)
+        if payload:
+            self._bookings.book(pending_request.metadata.internal_request_id, payload["request_id"], replica_id,
+                                request_work(payload), _loras(pending_request), time.time())
+
+
+def _loras(pending_request: PendingRequest | None) -> list[str]:
+    """The request's LoRAs, from its multiplexed model id (the front's `wire.request_lora_set`)."""
+    return lora_set_names(pending_request.metadata.multiplexed_model_id) if pending_request else []
 
 
 def _payload(pending_request: PendingRequest | None) -> dict | None:

@@ -188,12 +188,11 @@ def test_bookings_count_until_a_report_shows_them() -> None:
     bookings.complete("s1")
     assert bookings.estimate("a", before) == {"pending_work": 5.0, "open_lanes": [], "loras": {"style"}}
     assert bookings.estimate("a", {"at": 11.0, "loras": ["detail"]})["loras"] == {"detail"}
-    # Serve sent it elsewhere, or it was booked again: the booking follows.
+    # Booked again (Serve sent it to another replica than the one ranked first): the booking moves.
     bookings.book("s2", "r2", "a", 50.0, [], now=12.0)
-    bookings.move("s2", "b")
+    bookings.book("s2", "r2", "b", 50.0, [], now=12.5)
     assert bookings.estimate("b", {"at": 9.0})["pending_work"] == 50.0
-    bookings.book("s2", "r2", "a", 50.0, [], now=13.0)
-    assert bookings.estimate("b", {"at": 9.0})["pending_work"] == 0.0
+    assert bookings.estimate("a", {"at": 9.0})["pending_work"] == 0.0
     bookings.book("s3", "r3", "b", 1.0, [], now=13.0 + 31.0)  # past SENT_MEMORY_S: the others are forgotten
     assert bookings.estimate("a", before) == {"pending_work": 5.0, "open_lanes": [], "loras": set()}
 
