@@ -196,7 +196,8 @@ _REPLICAS: Schema = {"type": "object", "required": ["replica", "replicas"], "pro
     "replica": {"type": "integer"}, "replicas": {"type": "array", "items": {
         "type": "object", "required": ["id", "status"], "properties": {
             "id": {"type": "string"}, "status": {"type": "string"}, "pid": {"type": "integer"},
-            "node": {"type": "string"}}}}}}
+            "node": {"type": "string"},
+            "loras": {"type": "array", "items": {"type": "string"}, "description": "LoRAs resident in its slots"}}}}}}
 
 
 @dataclass(frozen=True)
