@@ -29,7 +29,7 @@ from kiln.server.errors import bad_request
 from kiln.server.registry import ModelRegistry
 
 from .placement import ClusterView, Placement, deployment_options, parse_placement
-from .wire import pack_image, raise_error, request_payload, unpack_image
+from .wire import pack_image, raise_error, request_lora_set, request_payload, unpack_image
 
 log = logging.getLogger("kiln.cluster")
 
@@ -195,23 +195,27 @@ class ReplicaSet:
                             f"request_limits={bound} per replica; retry shortly")
         if isinstance(self.spec, OcrSpec):
             handle = RemoteHandle(request, _ocr_payload(request), None, lambda body: body)
-            method = "ocr"
+            method, lora_set = "ocr", ""
         else:
+            lora_set = request_lora_set(request, self.options)
             handle = RemoteHandle(request, request_payload(request), on_preview, _images)
             method = "generate"
         self._requests.add(request.request_id, handle)
         self._in_flight.add(handle)
         handle.future.add_done_callback(lambda _: self._in_flight.discard(handle))
-        handle.task = asyncio.run_coroutine_threadsafe(self._dispatch(handle, method), self._loop)
+        handle.task = asyncio.run_coroutine_threadsafe(self._dispatch(handle, method, lora_set), self._loop)
         return handle
 
-    async def _dispatch(self, handle: RemoteHandle, method: str) -> None:
+    async def _dispatch(self, handle: RemoteHandle, method: str, lora_set: str) -> None:
+        """Stream the request's events from a replica; its LoRA set is the Serve multiplexed model id, which
+        routing.KilnRouter ranks replicas by."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
         attempts = 0
         while not handle.future.done():
-            stream = getattr(self._handle.options(stream=True), method).remote(handle.payload)
+            options = self._handle.options(stream=True, multiplexed_model_id=lora_set)
+            stream = getattr(options, method).remote(handle.payload)
             try:
                 async for event in stream:
                     if handle.apply(event):
@@ -260,7 +264,7 @@ class ReplicaSet:
     def describe(self) -> dict[str, Any]:
         reports = self.replica_reports()
         engine = next((report["describe"] for report in reports if report["describe"]), {})
-        replicas = [{key: report[key] for key in ("pid", "node", "status")} | {"id": report["replica"]}
+        replicas = [{key: report[key] for key in ("pid", "node", "status", "loras")} | {"id": report["replica"]}
                     for report in reports]
         return {**engine, "replica": self.placement.replicas, "replicas": replicas,
                 "placement": self.placement.describe(), "serve_application": self.app_name}

@@ -5,8 +5,9 @@ Each request is a stream of events (`wire`): accepted, progress (at most every P
 previews, then done or error. When the front cancels the stream (an abort, a client that left, a terminate),
 Serve cancels this generator and the request leaves its batch at the next step.
 
-Every REPORT_SECONDS the replica tells the ingress who it is (id, pid, node), its status and its stats, which feed
-`GET /v1/models/{uid}` and `/metrics`; its routing stats (pending work, open lanes) feed `routing.KilnRouter`.
+Every REPORT_SECONDS the replica tells the ingress who it is (id, pid, node), its status, its resident LoRAs and
+its stats, which feed `GET /v1/models/{uid}` and `/metrics`; its routing stats (pending work, open lanes, LoRAs)
+feed `routing.KilnRouter`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from .health import StallWatch, Unhealthy
 from .placement import device_for, placement_from
-from .wire import error_event, image_request, lane_of, pack_image, request_work
+from .wire import error_event, image_request, lane_of, lora_set_names, pack_image, request_work
 
 log = logging.getLogger("kiln.cluster")
 
@@ -53,7 +54,7 @@ class KilnModel:
         if threads and "torch" in sys.modules:  # the image runner imported it; OCR on onnxruntime does not
             sys.modules["torch"].set_num_threads(threads)
         self.health = StallWatch(self.endpoint)
-        self._pending: dict[str, tuple[float, list[int], Any]] = {}  # request id -> (work, lane, handle)
+        self._pending: dict[str, tuple[float, list[int], list[str], Any]] = {}  # id -> (work, lane, LoRAs, handle)
         self._ingress = serve.get_deployment_handle(INGRESS_DEPLOYMENT, app_name=INGRESS_APP)
         self._reporter = asyncio.create_task(self._report_forever())
         await asyncio.to_thread(self.endpoint.load)
@@ -83,6 +84,8 @@ class KilnModel:
             yield event
 
     async def _run(self, request: Any, payload: dict | None, previews: asyncio.Queue, on_preview) -> AsyncIterator[dict]:
+        from ray import serve
+
         loop = asyncio.get_running_loop()
         try:
             handle = self.endpoint.submit(request, on_preview) if on_preview else self.endpoint.submit(request)
@@ -90,7 +93,8 @@ class KilnModel:
             yield error_event(error)
             return
         work = request_work(payload) if payload else 1.0
-        self._pending[request.request_id] = (work, lane_of(payload) if payload else [], handle)
+        loras = lora_set_names(serve.get_multiplexed_model_id())  # the front's request_lora_set
+        self._pending[request.request_id] = (work, lane_of(payload) if payload else [], loras, handle)
         handle.future.add_done_callback(lambda _: loop.call_soon_threadsafe(previews.put_nowait, None))
         try:
             yield {"type": "accepted", "replica": self.replica_id, "pid": self.pid, "node": self.node}
@@ -124,16 +128,23 @@ class KilnModel:
         self.health.check()
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """Pending work (images x steps x pixels, less what is done) and the lanes with room to join."""
-        pending, lanes = 0.0, set()
-        for work, lane, handle in list(self._pending.values()):
+        """Pending work (images x steps x pixels, less what is done), the lanes with room to join, the LoRAs
+        resident in slots or wanted by a request held here (it is admitted once they are in slots), and the ids
+        of the requests held (what the router's bookings are checked against)."""
+        pending, lanes, loras = 0.0, set(), set(self._resident_loras())
+        for work, lane, wanted, handle in list(self._pending.values()):
             pending += work * (1.0 - handle.progress)
+            loras.update(wanted)
             if lane:
                 lanes.add(tuple(lane))
         batch = self.endpoint.max_batch_size if self.endpoint.status == "ready" else None
         stats = self.endpoint.stats() if self.endpoint.status == "ready" else None
         has_room = batch is None or stats is None or stats.active_jobs < batch
-        return {"pending_work": pending, "open_lanes": sorted(lanes) if has_room else [], "at": time.time()}
+        return {"pending_work": pending, "open_lanes": sorted(lanes) if has_room else [], "loras": sorted(loras),
+                "requests": list(self._pending), "at": time.time()}
+
+    def _resident_loras(self) -> list[str]:
+        return getattr(self.endpoint, "resident_loras", [])  # OCR runners hold none
 
     # --- reports to the ingress ----------------------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
@@ -146,6 +157,7 @@ class KilnModel:
                 status = f"unhealthy: {error}"
         return {
             "uid": endpoint.uid, "replica": self.replica_id, "pid": self.pid, "node": self.node, "status": status,
+            "loras": self._resident_loras(),
             "error": endpoint.error, "stats": dataclasses.asdict(endpoint.stats()) if ready else None,
             "describe": endpoint.describe() if ready else None, "at": time.time(),
         }

@@ -4,17 +4,19 @@ A replica streams, for one request: `accepted` (which replica took it), `progres
 `done` or `error`. Images travel as raw pixels (mode, size, bytes): lossless, and neither side spends CPU on PNG.
 Seeds are drawn before a request leaves the front, so a retry on another replica gives the same images. Engine
 exceptions travel as their class name and message and are raised again on the front, where the app's one error
-boundary turns them into HTTP errors exactly as in single-process Kiln.
+boundary turns them into HTTP errors exactly as in single-process Kiln. A request's per-row LoRAs also travel
+as its Serve multiplexed model id (`request_lora_set`), which the router and the replica read.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Iterable
 
 from PIL import Image
 
 from kiln.engine.errors import EngineError, InvalidRequest, QueueFull, RequestAborted
+from kiln.engine.lora_options import requested
 from kiln.engine.requests import ImageRequest, draw_seeds
 
 _ERRORS = {cls.__name__: cls for cls in (InvalidRequest, QueueFull, RequestAborted, EngineError)}
@@ -57,6 +59,27 @@ def request_work(payload: dict[str, Any]) -> float:
 def lane_of(payload: dict[str, Any]) -> list[int]:
     """The lane key the replica's scheduler will put the request in (width x height today)."""
     return [payload["width"], payload["height"]]
+
+
+def lora_set_id(names: Iterable[str]) -> str:
+    """The Serve multiplexed model id of a request's LoRAs: its names, sorted and joined by "/" (no LoRA name
+    holds one). Scales do not change which LoRAs must be resident, so they are left out; "" is no LoRA."""
+    return "/".join(sorted(set(names)))
+
+
+def lora_set_names(set_id: str) -> list[str]:
+    """The inverse of `lora_set_id`."""
+    return set_id.split("/") if set_id else []
+
+
+def request_lora_set(request: ImageRequest, options: Any) -> str:
+    """The set id of the LoRAs a request runs with (its `lora` field, else the launch default) when the model
+    runs per-row LoRAs; "" otherwise (fused LoRAs are in every replica's weights). InvalidRequest as the
+    replica would raise it."""
+    config = options.lora
+    if not config.per_row:
+        return ""
+    return lora_set_id(name for name, _ in requested(request.part_inputs.get("lora", {}), config.default_selection()))
 
 
 def error_event(error: BaseException) -> dict[str, Any]:

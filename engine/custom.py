@@ -15,7 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-from .catalogue import CATALOGUE, ModelSpec
+from .catalogue import CATALOGUE, ModelSpec, controlnets
 from .errors import InvalidRequest
 from .families.specs import FAMILY_SPECS, INPAINTING, FamilySpec
 
@@ -46,11 +46,13 @@ def detect_family(path: Path) -> FamilySpec:
                          f"{accepted}", "model_uri")
 
 
-def custom_spec(name: str, family: str, abilities: tuple[str, ...], path: Path,
-                launch: Mapping[str, Any], parameters: Mapping[str, Any]) -> ModelSpec:
+def custom_spec(name: str, family: str, abilities: tuple[str, ...], path: Path, launch: Mapping[str, Any],
+                parameters: Mapping[str, Any], controlnet_folders: Mapping[str, str] = MappingProxyType({})
+                ) -> ModelSpec:
     """The ModelSpec of a registered model at launch: its family (detected when `family` is generic), its base
     model's defaults overridden by `parameters` (default_generate_config), and `launch` (default_model_config).
-    Its weights are its folder (`hub_id`, which engine.loading reads for a model that is not built in)."""
+    Its weights are its folder, and its ControlNets' their folders (`hub_id`s, which the loaders read as local
+    folders for a model that is not built in)."""
     family_spec = detect_family(path) if family == GENERIC_FAMILY else FAMILY_SPECS[family]
     base = FAMILY_BASES[family_spec.name]
     return ModelSpec(
@@ -59,4 +61,5 @@ def custom_spec(name: str, family: str, abilities: tuple[str, ...], path: Path,
         default_dtype=base.default_dtype, max_size=base.max_size,
         default_launch=MappingProxyType(dict(launch)),
         default_parameters=MappingProxyType(dict(parameters)), builtin=False,
+        controlnets=controlnets(controlnet_folders),
     )

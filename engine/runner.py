@@ -157,6 +157,13 @@ class Runner(ModelWorker):
         return replace(super().stats(), extra=tuple(metric for part in self.parts for metric in part.metrics()))
 
     @property
+    def resident_loras(self) -> list[str]:
+        """The LoRAs in per-row slots now (from any thread): a replica reports them so that requests for them
+        are routed here (kiln.cluster.routing)."""
+        lora = next((part for part in self.parts if part.name == "lora"), None)
+        return lora.slots.resident if lora is not None else []
+
+    @property
     def memory_bytes(self) -> int | None:
         """Bytes of the loaded weights (every component's parameters and buffers), None until loaded."""
         if self.loaded is None:

@@ -146,7 +146,12 @@ def registration_spec() -> Schema:
                       "checkpoint folder."},
         "default_model_config": {"type": "object", "description": "Launch options (see POST /v1/models)."},
         "default_generate_config": {"type": "object", "description": "Request parameters under every request's."},
-        "controlnet": {"type": "null"}, "version": {"enum": [1, 2]},
+        "controlnet": {"oneOf": [{"type": "null"}, {"type": "array", "items": {
+            "type": "object", "required": ["model_name", "model_uri"], "properties": {
+                "model_name": {"type": "string"}, "model_family": {"const": "controlnet"},
+                "model_uri": {"type": "string", "description": "A local diffusers ControlNet folder."}}}}],
+            "description": "ControlNets the model launches with by name (launch option controlnet)."},
+        "version": {"enum": [1, 2]},
     }}
 
 
@@ -191,7 +196,8 @@ _REPLICAS: Schema = {"type": "object", "required": ["replica", "replicas"], "pro
     "replica": {"type": "integer"}, "replicas": {"type": "array", "items": {
         "type": "object", "required": ["id", "status"], "properties": {
             "id": {"type": "string"}, "status": {"type": "string"}, "pid": {"type": "integer"},
-            "node": {"type": "string"}}}}}}
+            "node": {"type": "string"},
+            "loras": {"type": "array", "items": {"type": "string"}, "description": "LoRAs resident in its slots"}}}}}}
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,14 @@ it makes Kiln look at on disk is whether its folder exists. What is in the folde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 from kiln.engine.catalogue import CATALOGUE, IMAGE2IMAGE, INPAINTING, OCR_CATALOGUE, TEXT2IMAGE, ModelSpec
@@ -29,11 +31,16 @@ log = logging.getLogger("kiln.server")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # the model uid rule: a name is a uid by default
 ABILITIES = (TEXT2IMAGE, IMAGE2IMAGE, INPAINTING)
 # Fields of Xinference's custom image spec that Kiln reads, and those it accepts only empty (hub and packaging
-# fields that mean nothing for a local folder; ControlNets, until the ControlNet feature lands).
+# fields that mean nothing for a local folder).
 _READ = ("model_name", "model_family", "model_ability", "model_uri", "default_model_config",
-         "default_generate_config")
+         "default_generate_config", "controlnet")
 _EMPTY_ONLY = ("version", "model_id", "model_revision", "model_hub", "model_src", "model_description",
-               "controlnet", "virtualenv", "featured", "updated_at")
+               "virtualenv", "featured", "updated_at")
+# A ControlNet entry of the spec (Xinference's controlnet family dict): its name and local folder are read; the
+# hub fields are accepted and ignored, since the folder is what loads.
+_CONTROLNET_READ = ("model_name", "model_uri", "model_family")
+_CONTROLNET_IGNORED = ("version", "model_id", "model_revision", "model_hub", "model_src", "model_description",
+                       "model_ability")
 _NOT_DEFAULTS = ("prompt", "request_id", "stream", "partial_images")  # per request, never a model's default
 _LAUNCH_ONLY = ("model_path", "tiny")  # the folder is model_uri; a registered model has no tiny stand-in
 
@@ -58,16 +65,20 @@ class Registration:
     launch: Mapping[str, Any]  # default_model_config
     parameters: Mapping[str, Any]  # default_generate_config
     persist: bool
+    controlnets: Mapping[str, Path] = dataclasses.field(default_factory=lambda: MappingProxyType({}))  # name -> folder
 
     def spec(self) -> ModelSpec:
         """The launchable spec; reads the folder's model_index.json (InvalidRequest naming model_uri)."""
-        return custom_spec(self.name, self.family, self.abilities, self.path, self.launch, self.parameters)
+        return custom_spec(self.name, self.family, self.abilities, self.path, self.launch, self.parameters,
+                           {name: str(folder) for name, folder in self.controlnets.items()})
 
     def describe(self) -> dict[str, Any]:
         """Xinference's registration shape, as `GET /v1/model_registrations/image/{name}` returns it."""
         return {"model_name": self.name, "model_family": self.family, "model_ability": list(self.abilities),
                 "model_uri": str(self.path), "default_model_config": dict(self.launch),
-                "default_generate_config": dict(self.parameters), "controlnet": None, "model_type": "image",
+                "default_generate_config": dict(self.parameters),
+                "controlnet": [{"model_family": "controlnet", "model_name": name, "model_uri": str(folder)}
+                               for name, folder in self.controlnets.items()] or None, "model_type": "image",
                 "is_builtin": False, "persist": self.persist}
 
 
@@ -89,14 +100,14 @@ def parse_registration(model: Any, persist: Any, *, check_folder: bool = True) -
     for name in _EMPTY_ONLY:
         if spec.get(name) not in (None, "", [], {}) and name != "version":
             raise _bad(f"{name} is not supported for a registered image model (Kiln loads the local folder "
-                       f"model_uri{'; ControlNets are not supported yet' if name == 'controlnet' else ''})", name)
+                       "model_uri)", name)
     if spec.get("version") not in (None, 1, 2):
         raise _bad(f"version must be 1 or 2 (Xinference's spec versions), got {spec.get('version')!r}", "version")
     return Registration(
         name=_name(spec.get("model_name")), family=_family(spec.get("model_family")),
         abilities=_abilities(spec.get("model_ability")), path=_folder(spec.get("model_uri"), check_folder),
         launch=_launch(spec.get("default_model_config")), parameters=_parameters(spec.get("default_generate_config")),
-        persist=keep,
+        persist=keep, controlnets=_controlnets(spec.get("controlnet"), check_folder),
     )
 
 
@@ -127,17 +138,42 @@ def _abilities(value: Any) -> tuple[str, ...]:
     return tuple(dict.fromkeys(value))
 
 
-def _folder(value: Any, check: bool) -> Path:
+def _folder(value: Any, check: bool, field: str = "model_uri", holds: str = "model_index.json") -> Path:
     """An absolute local folder (file:// URIs accepted). Only its existence is looked at."""
     if not isinstance(value, str) or not value.strip():
-        raise _bad("model_uri is required: the absolute path of a local diffusers checkpoint folder", "model_uri")
+        raise _bad(f"{field} is required: the absolute path of a local diffusers checkpoint folder", field)
     path = Path(value.strip().removeprefix("file://"))
     if not path.is_absolute():
-        raise _bad(f"model_uri {value!r} must be an absolute path (or a file:// URI) of a local folder", "model_uri")
+        raise _bad(f"{field} {value!r} must be an absolute path (or a file:// URI) of a local folder", field)
     if check and not path.is_dir():
-        raise _bad(f"model_uri {value!r} is not a folder on this server; register the folder that holds the "
-                   "checkpoint's model_index.json", "model_uri")
+        raise _bad(f"{field} {value!r} is not a folder on this server; register the folder that holds the "
+                   f"checkpoint's {holds}", field)
     return path
+
+
+def _controlnets(value: Any, check: bool) -> dict[str, Path]:
+    """Xinference's `controlnet` list: one ControlNet family dict per ControlNet, each a local folder by name."""
+    if value in (None, []):
+        return {}
+    if not isinstance(value, list):
+        raise _bad("controlnet must be a list of ControlNet specs ({\"model_name\", \"model_uri\"})", "controlnet")
+    found: dict[str, Path] = {}
+    for index, entry in enumerate(value):
+        where = f"controlnet[{index}]"
+        if not isinstance(entry, dict):
+            raise _bad(f"{where} must be a ControlNet spec object with model_name and model_uri", where)
+        unknown = sorted(set(entry) - {*_CONTROLNET_READ, *_CONTROLNET_IGNORED})
+        if unknown:
+            raise _bad(f"{where}: unknown field {unknown[0]!r}; Kiln reads: {', '.join(_CONTROLNET_READ)}",
+                       f"{where}.{unknown[0]}")
+        if entry.get("model_family", "controlnet") != "controlnet":
+            raise _bad(f"{where}.model_family must be 'controlnet'", f"{where}.model_family")
+        name = entry.get("model_name")
+        if not isinstance(name, str) or not NAME.match(name) or name in found:
+            raise _bad(f"{where}.model_name {name!r} must be a new name of letters, digits, '.', '_' or '-'",
+                       f"{where}.model_name")
+        found[name] = _folder(entry.get("model_uri"), check, f"{where}.model_uri", "config.json")
+    return found
 
 
 def _launch(value: Any) -> Mapping[str, Any]:
@@ -206,7 +242,7 @@ class Registrations:
         if registration.persist:
             self.folder.mkdir(parents=True, exist_ok=True)
             saved = {**registration.describe(), "model_uri": str(registration.path)}
-            for field in ("model_type", "is_builtin", "persist", "controlnet"):
+            for field in ("model_type", "is_builtin", "persist"):
                 saved.pop(field)
             self._file(registration.name).write_text(json.dumps(saved, indent=2), encoding="utf-8")
         self._by_name[registration.name] = registration

@@ -30,7 +30,7 @@ async def describe(request: Request) -> Response:
 
 
 async def replicas(request: Request) -> Response:
-    """`GET /v1/models/{uid}/replicas` -> {"replica": N, "replicas": [{"id", "status", "pid", "node"}]}."""
+    """`GET /v1/models/{uid}/replicas` -> {"replica": N, "replicas": [{"id", "status", "pid", "node", "loras"}]}."""
     description = context.registry(request).describe(request.path_params["uid"])
     return JSONResponse({"replica": description["replica"], "replicas": description.get("replicas", [])})
 

@@ -14,6 +14,19 @@ export function el(tag, attributes = {}, ...children) {
   return node;
 }
 
+let ids = 0;
+
+/** A control with an id of its own and a label that names it, as {input, node}: a checkbox sits inside its
+ * label, any other control under it. For controls made many times over (ControlNet units, LoRAs). */
+export function labelled(text, tag, attributes = {}) {
+  ids += 1;
+  const id = `control-${ids}`;
+  const input = el(tag, { id, ...attributes });
+  const check = attributes.type === "checkbox";
+  const label = el("label", { for: id, class: check ? "check" : null }, check ? input : null, text);
+  return { input, node: check ? label : el("div", {}, label, input) };
+}
+
 /** Show the server's message (an ApiError's) or any other failure's, in the page's alert area. */
 export function showError(error) {
   const where = [error.status && `HTTP ${error.status}`, error.code].filter(Boolean).join(", ");
@@ -46,6 +59,14 @@ export function bytesText(bytes) {
     unit += 1;
   }
   return `${value.toFixed(unit ? 1 : 0)} ${units[unit]}`;
+}
+
+/** A typed value from a text field: a number when it reads as one, the text otherwise (the server says what is
+ * wrong with it), undefined when empty. */
+export function numberOrText(input) {
+  const text = input.value.trim();
+  if (text === "") return undefined;
+  return Number.isFinite(Number(text)) ? Number(text) : text;
 }
 
 export function dataUrl(b64, format = "png") {

@@ -1,10 +1,14 @@
 // The Generate panel and its results. Every request streams (`stream: true`): previews replace the placeholder
 // as they arrive, a progress bar follows `GET /v1/requests/{id}/progress`, and the final images carry their
 // seeds. Text to image posts JSON to /generations; image to image and inpainting post multipart to
-// /variations and /inpainting. Images come back as b64_json, so they show with API keys on too.
+// /variations and /inpainting. Images come back as b64_json, so they show with API keys on too. ControlNet
+// units travel with either: in JSON with their images as base64, in multipart as a `controlnet` JSON field
+// with the images as `control_image` files in unit order (a text field is capped at 1 MB, files are not).
 
 import { ApiError, getJson, readEvents, request } from "./api.js";
-import { $, dataUrl, el, guarded, sleep } from "./dom.js";
+import { chosenUnits, setControlNets, setUpControlNet } from "./controlnet.js";
+import { $, dataUrl, el, guarded, numberOrText, sleep } from "./dom.js";
+import { chosenLoras, setLoras } from "./lora.js";
 import { hasMask, loadMaskImage, maskBlob, setUpMask } from "./mask.js";
 
 const MODES = { text2image: "text to image", image2image: "image to image", inpainting: "inpainting" };
@@ -34,6 +38,7 @@ export function setUpGenerate() {
     guarded(generate);
   });
   setUpMask();
+  setUpControlNet();
 }
 
 export function setConfig(value) {
@@ -57,6 +62,8 @@ export function setModels(launched) {
     $("#model").value = first.id;
     applyDefaults(first);
   }
+  setControlNets(selected()); // a model that finished loading lists its ControlNets and LoRAs now
+  setLoras(selected());
   showMode();
 }
 
@@ -68,6 +75,8 @@ function applyDefaults(model) {
   $("#guidance").value = model.default_guidance_scale;
   const samplers = config.samplers[model.model_name] || ["default"];
   $("#sampler").replaceChildren(...samplers.map((name) => el("option", { value: name }, name)));
+  setControlNets(model);
+  setLoras(model);
   showMode();
 }
 
@@ -87,13 +96,7 @@ function showMode() {
   if (!image && !$("#size").value && selected()) $("#size").value = selected().default_size;
 }
 
-/** A typed value from a text field: a number when it reads as one, the text otherwise (the server says what is
- * wrong with it), undefined when empty. */
-function field(id) {
-  const text = $(id).value.trim();
-  if (text === "") return undefined;
-  return Number.isFinite(Number(text)) ? Number(text) : text;
-}
+const field = (id) => numberOrText($(id));
 
 function parameters() {
   const seed = field("#seed");
@@ -109,19 +112,37 @@ function parameters() {
     n: field("#n"),
     strength: mode() === "text2image" ? undefined : field("#strength"),
     partial_images: field("#partial-images"),
+    lora: chosenLoras(),
     stream: true,
     response_format: "b64_json",
     request_id: `ui-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`,
   };
 }
 
-async function body(params) {
-  if (mode() === "text2image") return { json: params };
+const base64 = (file) => new Promise((resolve, reject) => {
+  const reader = new FileReader();
+  reader.onload = () => resolve(reader.result); // a data: URL, which the server takes as base64
+  reader.onerror = () => reject(reader.error);
+  reader.readAsDataURL(file);
+});
+
+async function body(params, units) {
+  if (mode() === "text2image") {
+    if (!units.length) return { json: params };
+    const controlnet = await Promise.all(units.map(async ({ unit, file }) => ({ ...unit, image: await base64(file) })));
+    return { json: { ...params, controlnet } };
+  }
   const file = $("#image-file").files[0];
   if (!file) throw new Error("Choose an input image first.");
   const form = new FormData();
-  for (const [name, value] of Object.entries(params)) if (value !== undefined) form.append(name, String(value));
+  for (const [name, value] of Object.entries(params)) {
+    if (value !== undefined) form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
+  }
   form.append("image", file);
+  // Always sent, `[]` for none: on a model launched with ControlNet, variations without it would read the image
+  // as the control image (Xinference's form), and this form's image is the one to start from.
+  form.append("controlnet", JSON.stringify(units.map(({ unit }) => unit)));
+  for (const unit of units) form.append("control_image", unit.file);
   if (mode() === "inpainting") {
     if (!hasMask()) throw new Error("Draw the mask first: paint over the parts to repaint.");
     form.append("mask_image", await maskBlob(), "mask.png");
@@ -132,10 +153,11 @@ async function body(params) {
 async function generate() {
   const requestMode = mode();
   const params = parameters();
-  const payload = await body(params);
+  const units = chosenUnits();
+  const payload = await body(params, units);
   // Invalid input is refused before the stream starts: the error area shows it and no card is made.
   const response = await request(ENDPOINTS[requestMode], { method: "POST", ...payload });
-  const card = new ResultCard(params, requestMode);
+  const card = new ResultCard(params, requestMode, units.map(({ unit }) => unit));
   let done = false;
   try {
     followProgress(params.request_id, card, () => done);
@@ -167,12 +189,15 @@ async function followProgress(requestId, card, finished) {
 
 /** One request in the Results list: its parameters, a progress bar, and one figure per image. */
 class ResultCard {
-  constructor(params, requestMode) {
+  constructor(params, requestMode, units) {
     const count = Number.isInteger(params.n) ? params.n : 1; // the server accepted it, so within its limit
     const details = [
       params.model, MODES[requestMode], params.size || "default size", `${params.num_inference_steps ?? "default"} steps`,
       `guidance ${params.guidance_scale ?? "default"}`, `sampler ${params.sampler_name || "default"}`,
       params.strength !== undefined ? `strength ${params.strength}` : null,
+      params.lora && `LoRA ${params.lora.map((lora) => `${lora.name} ${lora.scale ?? "default scale"}`).join(", ")
+        || "none"}`,
+      ...units.map((unit) => `ControlNet ${unit.name} scale ${unit.scale ?? "default"}`),
     ].filter(Boolean).join(" · ");
     this.bar = el("progress", { max: 1, value: 0, "aria-label": "Progress" });
     this.percent = el("span", { class: "percent" }, "0%");

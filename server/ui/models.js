@@ -2,7 +2,7 @@
 // Other panels subscribe to the list of launched models to fill their pickers.
 
 import { getJson, request } from "./api.js";
-import { $, bytesText, el, guarded } from "./dom.js";
+import { $, bytesText, el, guarded, labelled } from "./dom.js";
 
 const listeners = [];
 let launched = [];
@@ -54,6 +54,7 @@ export async function setUpLaunch(config) {
   $("#launch-backend").replaceChildren(...config.launch.backends.map((name) => el("option", { value: name }, name)));
   $("#launch-dtype").append(...config.launch.dtypes.map((name) => el("option", { value: name }, name)));
   $("#launch-name").addEventListener("change", fitLaunchForm);
+  $("#add-lora").addEventListener("click", () => addLoraFile().focus());
   $("#launch-form").addEventListener("submit", (event) => {
     event.preventDefault();
     guarded(launch);
@@ -61,12 +62,44 @@ export async function setUpLaunch(config) {
   fitLaunchForm();
 }
 
-const isOcr = (name) => (catalogue.find((spec) => spec.model_name === name)?.model_ability || []).includes("ocr");
+const entry = (name) => catalogue.find((spec) => spec.model_name === name);
+const isOcr = (name) => (entry(name)?.model_ability || []).includes("ocr");
 
-/** OCR models have real weights and none of the diffusion options: those fields are disabled for them. */
+/** OCR models have real weights and none of the diffusion options: those fields are disabled for them. The
+ * ControlNet choices are the catalogue entry's (its registration's `controlnet` list). */
 function fitLaunchForm() {
-  const ocr = isOcr($("#launch-name").value);
-  for (const id of ["#launch-tiny", "#launch-backend", "#launch-offload"]) $(id).disabled = ocr;
+  const name = $("#launch-name").value;
+  for (const id of ["#launch-tiny", "#launch-backend", "#launch-offload"]) $(id).disabled = isOcr(name);
+  const controlnets = (entry(name)?.controlnet || []).map((controlnet) => controlnet.model_name);
+  $("#launch-controlnet-names").replaceChildren(...controlnets.map((controlnet) => el("label", { class: "check" },
+    el("input", { type: "checkbox", value: controlnet }), controlnet)));
+  $("#launch-controlnets").hidden = controlnets.length === 0;
+  $("#launch-loras").hidden = isOcr(name);
+}
+
+/** A row of the launch's LoRA list (Xinference's peft_model_config.lora_list); returns its name field. */
+function addLoraFile() {
+  const name = labelled("LoRA name", "input", { class: "lora-name", spellcheck: "false" });
+  const path = labelled("Local path", "input", { class: "lora-path", spellcheck: "false",
+    placeholder: "/loras/style.safetensors" });
+  const item = el("li", {}, el("div", { class: "grid" }, name.node, path.node),
+    el("button", { type: "button", onclick: () => item.remove() }, "Remove LoRA file"));
+  $("#launch-lora-list").append(item);
+  return name.input;
+}
+
+/** The LoRA launch options the user filled in; a half-filled row is sent for the server to name what is missing. */
+function loraOptions(name) {
+  if (isOcr(name)) return {};
+  const options = {};
+  const lora_list = [...document.querySelectorAll("#launch-lora-list li")]
+    .map((item) => ({ lora_name: $(".lora-name", item).value.trim(), local_path: $(".lora-path", item).value.trim() }))
+    .filter((lora) => lora.lora_name || lora.local_path);
+  if (lora_list.length) options.peft_model_config = { lora_list };
+  const slots = $("#launch-max-loras").value.trim();
+  if (slots) options.max_loras = /^\d+$/.test(slots) ? Number(slots) : slots;
+  if ($("#launch-lora-dir").value.trim()) options.lora_dir = $("#launch-lora-dir").value.trim();
+  return options;
 }
 
 /** The launch body: only what the user changed from the defaults, as `POST /v1/models` takes it. */
@@ -84,7 +117,9 @@ function launchBody() {
     if ($("#launch-backend").value !== "auto") body.backend = $("#launch-backend").value;
     if ($("#launch-offload").checked) body.cpu_offload = true;
   }
-  return body;
+  const controlnets = [...document.querySelectorAll("#launch-controlnet-names input:checked")].map((box) => box.value);
+  if (controlnets.length) body.controlnet = controlnets;
+  return { ...body, ...loraOptions(name) };
 }
 
 async function launch() {

@@ -8,6 +8,7 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 WAIT_MS = 30_000  # liveness bound for every wait on the page (a slow 2-core machine), not a timing assertion
@@ -63,6 +64,11 @@ def shown_image(page, locator) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
     image.load()
     return image
+
+
+def max_diff(a: Image.Image, b: Image.Image) -> int:
+    """The largest per-channel pixel difference of two images, 0-255."""
+    return int(np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max())
 
 
 def png(image: Image.Image) -> bytes:

@@ -308,6 +308,52 @@ def test_controlnet_units_reach_the_replica(front) -> None:
     assert front.delete("/v1/models/cn").status_code == 200
 
 
+def test_requests_naming_a_lora_go_to_the_replica_that_holds_it(front, tiny_lora_dir) -> None:
+    """Two replicas with one per-row LoRA slot each, LoRAs read from lora_dir on first use: the first request
+    for `style` has one replica load it, and the next ones go to that replica (the other never loads it). Each
+    image is the one a single-process runner makes for its seed, and style changes the image."""
+    from kiln.engine.catalogue import CATALOGUE
+    from kiln.engine.options import parse_launch_options
+    from kiln.engine.runner import Runner
+    from kiln.engine.schema import Limits, parse_image_request
+
+    options = {"lora_dir": str(tiny_lora_dir("sd-turbo")), "max_loras": 1, "backend": "eager"}
+    launch = {"model_name": "sd-turbo", "model_uid": "loras", "tiny": True, "replica": 2, **options}
+    assert front.post("/v1/models", json=launch).status_code == 200
+    fields = {"prompt": BODY["prompt"], "size": BODY["size"], "num_inference_steps": 30,
+              "lora": [{"name": "style", "scale": 1.0}]}
+    seeds = (1, 2, 3, 4, 5)
+    first = generate(front, "loras", **fields, seed=seeds[0])
+    assert first.status_code == 200, first.text
+
+    def holders() -> list[str]:
+        return [r["id"] for r in replicas(front, "loras") if "style" in r["loras"]]
+
+    def made() -> dict[str, float]:
+        return per_replica(front, "kiln_images_generated_total", "loras")
+
+    wait_until(lambda: len(holders()) == 1, "one replica reporting style resident", 30)
+    images = [image_of(first.json()["data"][0])]
+    images += [image_of(generate(front, "loras", **fields, seed=seed).json()["data"][0])
+               for seed in seeds[1:]]
+    wait_until(lambda: sum(made().values()) == len(seeds), "every replica's report")
+    assert made()[holders()[0]] == len(seeds), made()
+    assert sum(per_replica(front, "kiln_lora_loads_total", "loras").values()) == 1
+    plain = generate(front, "loras", **{**fields, "lora": []}, seed=seeds[0])
+    assert not same_image(images[0], image_of(plain.json()["data"][0]))
+
+    spec = CATALOGUE["sd-turbo"]
+    solo = Runner("solo", spec, parse_launch_options(spec, {"tiny": True, **options}))
+    solo.load()
+    try:
+        for seed, image in zip(seeds, images):
+            request = parse_image_request(spec, {**fields, "seed": seed}, limits=Limits()).request
+            assert same_image(image, solo.submit(request).future.result()[0].image), seed
+    finally:
+        solo.close()
+    assert front.delete("/v1/models/loras").status_code == 200
+
+
 def test_terminate_removes_every_replica(front, pair, spread) -> None:
     pids = {r["pid"] for uid in (pair, spread) for r in replicas(front, uid)}
     for uid in (pair, spread):

@@ -14,7 +14,8 @@ from PIL import Image
 from kiln.cluster import placement as p
 from kiln.cluster.front import should_retry
 from kiln.cluster.health import StallWatch, Unhealthy
-from kiln.cluster.wire import error_event, image_request, raise_error, request_payload, request_work
+from kiln.cluster.wire import (error_event, image_request, lora_set_id, lora_set_names, raise_error,
+                               request_payload, request_work)
 from kiln.engine.errors import EngineError, InvalidRequest, QueueFull, RequestAborted
 from kiln.engine.requests import ImageRequest
 
@@ -105,6 +106,95 @@ def test_routing_prefers_less_work_then_an_open_lane_that_is_not_too_busy() -> N
     assert rank(replicas, [64, 64]) == ["c", "b", "a"]  # c's lane is open and its work within 2x of the least
     assert rank(replicas, [128, 128]) == ["b", "c", "a"]
     assert rank({}, None) == []
+
+
+def test_a_lora_set_id_is_its_sorted_names() -> None:
+    assert lora_set_id(["style", "detail", "style"]) == "detail/style"
+    assert lora_set_names("detail/style") == ["detail", "style"]
+    assert lora_set_id([]) == "" and lora_set_names("") == []
+
+
+def test_the_front_sends_the_loras_a_request_runs_with_as_its_lora_set() -> None:
+    from kiln.cluster.wire import request_lora_set
+    from kiln.engine.lora_options import LoraOptions, LoraSource
+    from kiln.engine.options import LaunchOptions
+
+    launch = (LoraSource("style", "/loras/style.safetensors"), LoraSource("text", "/loras/text.safetensors", 0.5))
+    per_row = LaunchOptions(lora=LoraOptions(loras=launch, max_loras=2))
+
+    def asking(**inputs) -> ImageRequest:
+        return ImageRequest("r", 64, 64, 4, 0.0, part_inputs={"lora": inputs} if inputs else {})
+
+    assert request_lora_set(asking(), per_row) == "style/text"  # the launch default: every launch LoRA
+    assert request_lora_set(asking(lora=[{"name": "text", "scale": 2.0}, "detail"]), per_row) == "detail/text"
+    assert request_lora_set(asking(lora_name="detail", lora_scale=0.3), per_row) == "detail"
+    assert request_lora_set(asking(lora=[]), per_row) == ""
+    with pytest.raises(InvalidRequest, match="twice"):
+        request_lora_set(asking(lora=["text", "text"]), per_row)
+    fused = LaunchOptions(lora=LoraOptions(loras=launch))  # max_loras 0: in every replica's weights
+    assert request_lora_set(asking(), fused) == "" and request_lora_set(asking(), LaunchOptions()) == ""
+
+
+def test_routing_prefers_a_replica_holding_the_loras_while_it_is_not_too_busy() -> None:
+    pytest.importorskip("ray.serve")
+    from kiln.cluster.routing import rank
+
+    work = 100.0
+    idle = {"a": {"pending_work": 0.0}, "b": {"pending_work": 0.0, "loras": ["style"]}}
+    assert rank(idle, None, ["style"], work) == ["b", "a"]
+    assert rank(idle, None, [], work) == ["a", "b"]  # no LoRA: by work alone
+    # A replica seen with up to the request's own work beyond twice the least still wins (it may have just
+    # finished a request like this one); beyond that, the other replica loads the LoRA rather than queue.
+    assert rank({**idle, "b": {"pending_work": work, "loras": ["style"]}}, None, ["style"], work) == ["b", "a"]
+    busy = {"a": {"pending_work": 100.0}, "b": {"pending_work": 301.0, "loras": ["style"]}}
+    assert rank(busy, None, ["style"], work) == ["a", "b"]
+    # A set is held when every name is resident, whatever else is; LoRAs count before lanes (a job without its
+    # LoRA waits for it, one without a lane only starts a batch of its own).
+    stacked = {"a": {"pending_work": 0.0, "loras": ["style"], "open_lanes": [[64, 64]]},
+               "b": {"pending_work": 50.0, "loras": ["text", "style", "detail"]}}
+    assert rank(stacked, [64, 64], ["detail", "style"], work) == ["b", "a"]
+    assert rank(stacked, [64, 64], ["style"], work) == ["a", "b"]
+
+
+def test_a_burst_for_one_lora_spreads_over_both_replicas() -> None:
+    """Each request goes where rank puts it and is booked there: the replica holding the LoRA takes the first
+    two, then the other loads it, and from then on the load alternates."""
+    pytest.importorskip("ray.serve")
+    from kiln.cluster.routing import Bookings, rank
+
+    bookings = Bookings()
+    reports = {"a": {"pending_work": 0.0, "at": 1.0}, "b": {"pending_work": 0.0, "loras": ["style"], "at": 1.0}}
+    chosen = []
+    for index in range(8):
+        estimates = {name: bookings.estimate(name, stats) for name, stats in reports.items()}
+        chosen.append(rank(estimates, [64, 64], ["style"], 100.0)[0])
+        bookings.book(f"s{index}", f"r{index}", chosen[-1], 100.0, ["style"], now=2.0 + index)
+    assert chosen[:3] == ["b", "b", "a"] and chosen.count("a") == chosen.count("b") == 4
+
+
+def test_bookings_count_until_a_report_shows_them() -> None:
+    pytest.importorskip("ray.serve")
+    from kiln.cluster.routing import Bookings
+
+    bookings = Bookings()
+    bookings.book("s1", "r1", "a", 100.0, ["style"], now=10.0)
+    before = {"pending_work": 5.0, "at": 9.0}
+    assert bookings.estimate("a", before) == {"pending_work": 105.0, "open_lanes": [], "loras": {"style"}}
+    assert bookings.estimate("b", {"at": 9.0}) == {"pending_work": 0.0, "open_lanes": [], "loras": set()}
+    # A later report that holds the request shows it; one that does not has it still on its way.
+    assert bookings.estimate("a", {"pending_work": 80.0, "at": 11.0, "requests": ["r1"]})["pending_work"] == 80.0
+    assert bookings.estimate("a", {"at": 11.0}) == {"pending_work": 100.0, "open_lanes": [], "loras": {"style"}}
+    # Completed: its work is gone at once, its LoRA stays until a report taken after the booking.
+    bookings.complete("s1")
+    assert bookings.estimate("a", before) == {"pending_work": 5.0, "open_lanes": [], "loras": {"style"}}
+    assert bookings.estimate("a", {"at": 11.0, "loras": ["detail"]})["loras"] == {"detail"}
+    # Booked again (Serve sent it to another replica than the one ranked first): the booking moves.
+    bookings.book("s2", "r2", "a", 50.0, [], now=12.0)
+    bookings.book("s2", "r2", "b", 50.0, [], now=12.5)
+    assert bookings.estimate("b", {"at": 9.0})["pending_work"] == 50.0
+    assert bookings.estimate("a", {"at": 9.0})["pending_work"] == 0.0
+    bookings.book("s3", "r3", "b", 1.0, [], now=13.0 + 31.0)  # past SENT_MEMORY_S: the others are forgotten
+    assert bookings.estimate("a", before) == {"pending_work": 5.0, "open_lanes": [], "loras": set()}
 
 
 def test_a_runner_that_stops_stepping_with_work_pending_is_unhealthy(tiny_root) -> None:

@@ -5,11 +5,13 @@ registers nothing."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from xinference_client import RESTfulClient
 
 from kiln.engine.tiny import tiny_checkpoint
@@ -112,6 +114,38 @@ def test_registration_reads_nothing_but_whether_the_folder_exists(server, tmp_pa
     assert [i for i in server.http.get("/v1/models/instances").json() if i["model_uid"] == "hollow"] == []
 
 
+def test_a_registered_model_launches_with_its_registered_controlnets(server, tiny_root) -> None:
+    """Xinference's controlnet list in the spec names local ControlNet folders: a launch with `controlnet` by name
+    loads them, and a unit gives the catalogue model's image with the same ControlNet (and differs from none)."""
+    folder = tiny_checkpoint("stable-diffusion-v1.5", cache_root=tiny_root)
+    controlnet = [{"model_family": "controlnet", "model_name": "edges", "model_uri": str(folder / "controlnets/canny"),
+                   "model_id": "lllyasviel/sd-controlnet-canny"}]
+    spec = _spec(folder, "my-cn", model_ability=["text2image", "image2image"], controlnet=controlnet,
+                 default_generate_config={})
+    body = {"model": json.dumps(spec), "persist": False}
+    assert server.http.post("/v1/model_registrations/image", json=body).status_code == 200
+    listed = server.http.get("/v1/model_registrations/image/my-cn").json()["controlnet"]
+    assert listed == [{"model_family": "controlnet", "model_name": "edges", "model_uri": str(folder / "controlnets/canny")}]
+    launches = [{"model_name": "my-cn", "controlnet": "edges"},
+                {"model_name": "stable-diffusion-v1.5", "model_uid": "sd15", "tiny": True, "controlnet": "canny"}]
+    for launch in launches:
+        assert server.http.post("/v1/models", json=launch).status_code == 200, launch
+    edges = np.zeros((64, 64, 3), dtype=np.uint8)
+    edges[:, 20:24] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(edges).save(buffer, format="PNG")
+    control = base64.b64encode(buffer.getvalue()).decode()
+    fields = {**GENERATE, "num_inference_steps": 2, "guidance_scale": 4.0}
+
+    def generate(model: str, name: str | None) -> np.ndarray:
+        units = [{"name": name, "image": control}] if name else []
+        return _image(server.http.post("/v1/images/generations", json={**fields, "model": model, "controlnet": units}))
+
+    registered = generate("my-cn", "edges")
+    assert np.array_equal(registered, generate("sd15", "canny"))
+    assert not np.array_equal(registered, generate("my-cn", None))
+
+
 @pytest.mark.parametrize(("change", "param", "words"), [
     ({"model_uri": "/no/such/folder"}, "model_uri", ["not a folder"]),
     ({"model_uri": "relative/folder"}, "model_uri", ["absolute"]),
@@ -126,7 +160,13 @@ def test_registration_reads_nothing_but_whether_the_folder_exists(server, tmp_pa
     ({"default_model_config": {"model_path": "/etc"}}, "default_model_config.model_path", ["model_path"]),
     ({"default_generate_config": {"steps": 4}}, "default_generate_config.steps", ["steps"]),
     ({"default_generate_config": {"prompt": "x"}}, "default_generate_config.prompt", ["per request"]),
-    ({"controlnet": [{"model_name": "canny"}]}, "controlnet", ["ControlNet"]),
+    ({"controlnet": "canny"}, "controlnet", ["list"]),
+    ({"controlnet": [{"model_name": "canny"}]}, "controlnet[0].model_uri", ["model_uri"]),
+    ({"controlnet": [{"model_name": "canny", "model_uri": "/no/such/folder"}]}, "controlnet[0].model_uri",
+     ["not a folder"]),
+    ({"controlnet": [{"model_name": "../up", "model_uri": "/"}]}, "controlnet[0].model_name", ["model_name"]),
+    ({"controlnet": [{"model_name": "c", "model_uri": "/", "model_family": "lora"}]}, "controlnet[0].model_family",
+     ["controlnet"]),
     ({"model_hub": "huggingface"}, "model_hub", ["model_hub"]),
     ({"gguf_quantizations": ["Q2_K"]}, "gguf_quantizations", ["gguf_quantizations"]),
 ])

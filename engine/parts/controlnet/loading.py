@@ -57,6 +57,8 @@ def load_controlnets(spec: Any, options: Any, family: Any) -> dict[str, Resident
 def _folder(spec: Any, options: Any, name: str, path: str | None) -> Path:
     if path is not None:
         return Path(path).expanduser()
+    if not spec.builtin:  # a registered model's ControlNets are the local folders its registration named
+        return Path(spec.controlnets[name].hub_id)
     if options.tiny:
         return tiny_checkpoint(spec.name) / CONTROLNETS_FOLDER / name
     hub_id = spec.controlnets[name].hub_id

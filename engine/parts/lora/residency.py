@@ -172,7 +172,10 @@ class Slots:
 
     @property
     def resident(self) -> list[str]:
-        return [self.holder[slot].name for slot in sorted(self.holder)]
+        """By slot; safe from other threads (a copy of the dict is one step, and the scheduler thread refills
+        slots meanwhile)."""
+        holder = self.holder.copy()
+        return [holder[slot].name for slot in sorted(holder)]
 
     def _put(self, slot: int, adapter: Adapter) -> None:
         old = self.holder.pop(slot, None)
