@@ -177,7 +177,7 @@ def test_a_killed_replica_under_load(front, ray_cluster, pair) -> None:
 
     def stream(index: int) -> None:
         body = {**BODY, "model": pair, "stream": True, "partial_images": 3, "num_inference_steps": LONG,
-                "seed": 100 + index}
+                "size": "128x128", "seed": 100 + index}  # 128 px: the stream outlasts a report or two
         with httpx.Client(base_url=ray_cluster.url, timeout=300) as client:
             with client.stream("POST", "/v1/images/generations", json=body) as response:
                 name = None
@@ -194,9 +194,15 @@ def test_a_killed_replica_under_load(front, ray_cluster, pair) -> None:
         readers = [pool.submit(stream, index) for index in range(2)]
         for seen in partial_seen:
             assert seen.wait(120), "a stream never sent a partial image"
-        active = per_replica(front, "kiln_active_jobs", pair)
+        # Replicas report once a second, so the first report may predate the jobs: wait for one that shows them.
+        active: dict[str, float] = {}
+
+        def some_replica_busy() -> bool:
+            active.update(per_replica(front, "kiln_active_jobs", pair))
+            return max(active.values(), default=0) > 0
+
+        wait_until(some_replica_busy, "a replica's report of its jobs", 30)
         victim = max(before, key=lambda r: active.get(r["id"], 0))
-        assert active.get(victim["id"], 0) > 0, active
         os.kill(victim["pid"], signal.SIGKILL)
         responses = [future.result() for future in plain]
         for reader in readers:
