@@ -27,7 +27,7 @@ from kiln.engine.images import ImageStore
 from kiln.engine.schema import Limits
 
 from .drain import Drain, DrainGate, DrainingServer
-from .errors import EXCEPTION_HANDLERS, ApiError, error_response
+from .errors import EXCEPTION_HANDLERS, ApiError, InternalErrors, error_response
 from .hosts import LOCAL_HOSTS, TrustedHosts
 from .metrics import LatencyMiddleware, RequestLatency
 from .registry import ModelRegistry
@@ -130,6 +130,7 @@ def create_app(registry: ModelRegistry | None = None, *, settings: Settings = Se
     app = Starlette(
         routes=routes(),
         middleware=[
+            Middleware(InternalErrors),
             Middleware(TrustedHosts, allowed_hosts=settings.allowed_hosts),
             Middleware(DrainGate, drain=drain),
             Middleware(LatencyMiddleware, latency=latency),

@@ -7,11 +7,16 @@ unexpected faults.
 
 from __future__ import annotations
 
+import logging
+
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kiln.engine.errors import EngineError, InvalidRequest, QueueFull, RequestAborted
+
+log = logging.getLogger("kiln.server")
 
 _TYPES = {
     400: "invalid_request_error",
@@ -103,12 +108,38 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, message, headers=exc.headers)
 
 
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    # Starlette re-raises after this response is sent, so the server logs the traceback.
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
-
-
 EXCEPTION_HANDLERS = {
     ApiError: _api_error, **{error: _engine_error for error in ENGINE_ERRORS}, HTTPException: _http_exception,
-    Exception: _internal_error,
 }
+
+
+class InternalErrors:
+    """The JSON 500 for a fault no handler knows, its traceback logged, the exception not raised again.
+
+    Starlette's own handler for `Exception` re-raises once it has replied; uvicorn only logs that, but Ray
+    Serve's proxy answers a request whose app raised with a plain-text 500 of its own in place of ours.
+    Once the status line has gone out (a stream), nothing can replace it: the exception goes on up, and the
+    server closes the connection."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("internal error answering %s %s", scope["method"], scope["path"])
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            await error_response(500, message, code="internal_error")(scope, receive, send)

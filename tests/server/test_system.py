@@ -6,7 +6,7 @@ import re
 
 import httpx
 
-from .server_helpers import metric
+from .server_helpers import assert_error, metric
 
 
 def test_status_and_cluster_auth(http: httpx.Client) -> None:
@@ -45,3 +45,17 @@ def test_metrics_follow_the_work(http: httpx.Client) -> None:
     errors = http.post("/v1/images/generations", json={**body, "n": 99})
     assert errors.status_code == 400
     assert 'kiln_request_duration_seconds_count{endpoint="generations",status="400"}' in http.get("/metrics").text
+
+
+def test_an_unexpected_fault_is_a_logged_json_500_and_the_server_answers_on(server_factory, caplog) -> None:
+    """A fault no handler knows (here an extra /metrics source that breaks) is the error shape, not Starlette's
+    plain text, and its traceback is logged."""
+    running = server_factory()
+
+    async def broken_source() -> str:
+        raise RuntimeError("the metrics source broke")
+
+    running.app.state.extra_metrics.append(broken_source)
+    assert_error(running.http.get("/metrics"), 500, "RuntimeError", "the metrics source broke")
+    assert any(record.exc_info and "GET /metrics" in record.getMessage() for record in caplog.records)
+    assert running.http.get("/status").json()["status"] == "ok"

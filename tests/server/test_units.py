@@ -1,15 +1,18 @@
-"""Pure functions under the routes, checked directly: the image store and upload decoding (no server
-needed)."""
+"""Pure functions and middleware under the routes, checked directly: the image store, upload decoding, the
+last-resort 500 (no server needed)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import time
 
 import pytest
 from PIL import Image
 
 from kiln.engine.images import ImageStore, ImageTooLarge, NotAnImage, decode_upload, encode
+from kiln.server.errors import InternalErrors
 
 
 def _png(image: Image.Image) -> bytes:
@@ -48,3 +51,35 @@ def test_store_expiry(tmp_path) -> None:
     other = store.put(b"x", "webp")
     store.clear()
     assert not (tmp_path / other).exists()
+
+
+def _call(app) -> list[dict]:
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/x", "headers": []}
+    asyncio.run(InternalErrors(app)(scope, receive, send))
+    return sent
+
+
+def test_internal_errors_reply_once_and_do_not_raise_again() -> None:
+    """Ray Serve's proxy turns an app that raises into its own plain-text 500, so the fault stops here; a fault
+    after the status line went out still goes up (only closing the connection is left)."""
+
+    async def faulty(scope, receive, send) -> None:
+        raise KeyError("lane")
+
+    start, body = _call(faulty)
+    assert start["status"] == 500 and json.loads(body["body"])["error"]["code"] == "internal_error"
+
+    async def faulty_stream(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise KeyError("lane")
+
+    with pytest.raises(KeyError):
+        _call(faulty_stream)
