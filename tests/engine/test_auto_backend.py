@@ -18,7 +18,7 @@ from kiln.engine.requests import ImageRequest
 from kiln.engine.runner import Runner
 
 from .conftest import FAMILY_MODELS, PIXEL_TOLERANCE, max_diff, pixels, run_alone
-from .test_batch_invariance import test_same_image_alone_and_in_a_changing_batch as same_image_check
+from .test_backends import check_exported_backend
 
 SD = FAMILY_MODELS["sd"]
 
@@ -45,15 +45,7 @@ def test_another_backend_must_beat_eager_by_the_margin():
 # --- openvino ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family_name", ["sd", "flux"])
 def test_openvino_runner_is_batch_invariant_and_matches_eager(runner_for, family_name):
-    name = FAMILY_MODELS[family_name]
-    runner = runner_for(name, backend="openvino")
-    assert runner.backend_info["backend"] == "openvino"
-    assert isinstance(runner.executor.family.denoiser, OpenVinoBackend)
-    same_image_check(lambda model, **options: runner_for(model, backend="openvino", **options), family_name)
-
-    request = lambda: ImageRequest("a red car", 64, 64, 5, 3.0, seed=77, sampler="Euler")  # noqa: E731
-    eager = run_alone(runner_for(name, backend="eager"), request())
-    assert max_diff(pixels(eager), pixels(run_alone(runner, request()))) <= PIXEL_TOLERANCE
+    check_exported_backend(runner_for, family_name, "openvino", OpenVinoBackend)
 
 
 # --- auto at launch ---------------------------------------------------------------------------------------------

@@ -148,18 +148,23 @@ def test_onnx_export_is_reused_when_the_key_matches(runner_for, tmp_path, monkey
         onnx_export_for(family, "sd-turbo", runner.loaded.source, cache)
 
 
-@pytest.mark.parametrize("family_name", list(FAMILY_MODELS))
-def test_onnx_runner_is_batch_invariant_and_matches_eager(runner_for, family_name):
+def check_exported_backend(runner_for, family_name: str, backend: str, backend_class: type) -> None:
+    """A runner on an exported `backend` runs its denoiser through `backend_class`, is batch-invariant, and
+    matches eager within the pixel tolerance."""
     name = FAMILY_MODELS[family_name]
-    onnx_runner = runner_for(name, backend="onnx")
-    assert onnx_runner.backend_info["backend"] == "onnx"
-    assert isinstance(onnx_runner.executor.family.denoiser, OnnxBackend)
-    same_image_check(lambda model, **options: runner_for(model, backend="onnx", **options), family_name)
+    runner = runner_for(name, backend=backend)
+    assert runner.backend_info["backend"] == backend
+    assert isinstance(runner.executor.family.denoiser, backend_class)
+    same_image_check(lambda model, **options: runner_for(model, backend=backend, **options), family_name)
 
     request = lambda: ImageRequest("a red car", 64, 64, 5, 3.0, seed=77, sampler="Euler")  # noqa: E731
-    eager = run_alone(runner_for(name), request())
-    onnx = run_alone(onnx_runner, request())
-    assert max_diff(pixels(eager), pixels(onnx)) <= PIXEL_TOLERANCE
+    eager = run_alone(runner_for(name, backend="eager"), request())
+    assert max_diff(pixels(eager), pixels(run_alone(runner, request()))) <= PIXEL_TOLERANCE
+
+
+@pytest.mark.parametrize("family_name", list(FAMILY_MODELS))
+def test_onnx_runner_is_batch_invariant_and_matches_eager(runner_for, family_name):
+    check_exported_backend(runner_for, family_name, "onnx", OnnxBackend)
 
 
 # --- compile ----------------------------------------------------------------------------------------------------
