@@ -262,8 +262,13 @@ class ReplicaSet:
         return sorted(self._reports.values(), key=lambda report: report["replica"])
 
     def describe(self) -> dict[str, Any]:
+        """One replica's description of the engine (they are launched alike), the model's resident LoRAs being
+        those of every replica, and each replica's own."""
         reports = self.replica_reports()
         engine = next((report["describe"] for report in reports if report["describe"]), {})
+        if "resident" in (engine.get("lora") or {}):  # per-row LoRAs (None: no LoRA part in use)
+            resident = sorted({name for report in reports for name in report["loras"]})
+            engine = {**engine, "lora": {**engine["lora"], "resident": resident}}
         replicas = [{key: report[key] for key in ("pid", "node", "status", "loras")} | {"id": report["replica"]}
                     for report in reports]
         return {**engine, "replica": self.placement.replicas, "replicas": replicas,

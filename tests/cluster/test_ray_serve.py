@@ -339,6 +339,7 @@ def test_requests_naming_a_lora_go_to_the_replica_that_holds_it(front, tiny_lora
         return per_replica(front, "kiln_images_generated_total", "loras")
 
     wait_until(lambda: len(holders()) == 1, "one replica reporting style resident", 30)
+    assert front.get("/v1/models/loras").json()["lora"]["resident"] == ["style"]  # whichever replica describes
     images = [image_of(first.json()["data"][0])]
     images += [image_of(generate(front, "loras", **fields, seed=seed).json()["data"][0])
                for seed in seeds[1:]]

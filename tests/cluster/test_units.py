@@ -267,3 +267,26 @@ def test_the_front_imports_neither_torch_nor_ray() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_models_resident_loras_are_those_of_every_replica() -> None:
+    """GET /v1/models/{uid} on a replicated model: `lora.resident` joins what each replica holds (one replica's
+    description of the engine would show only its own slots)."""
+    import time
+
+    from kiln.cluster.front import ReplicaSet
+
+    def report(replica, loras):
+        describe = {"model_name": "sd-turbo", "lora": {"mode": "per-row", "resident": loras, "max_loras": 2}}
+        return {"replica": replica, "at": time.time(), "pid": 1, "node": "10.0.0.1", "status": "ready",
+                "loras": loras, "describe": describe}
+
+    replicas = ReplicaSet.__new__(ReplicaSet)  # no Serve application: only the reports matter here
+    replicas._reports = {"a": report("a", []), "b": report("b", ["style", "detail"]), "c": report("c", ["style"])}
+    replicas.placement, replicas.app_name = place(replica=3), "kiln-m-x"
+    described = replicas.describe()
+    assert described["lora"] == {"mode": "per-row", "resident": ["detail", "style"], "max_loras": 2}
+    assert [r["loras"] for r in described["replicas"]] == [[], ["style", "detail"], ["style"]]
+    for report in replicas._reports.values():  # a model launched without LoRAs describes "lora" as null
+        report["describe"]["lora"] = None
+    assert replicas.describe()["lora"] is None
