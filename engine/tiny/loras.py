@@ -1,5 +1,5 @@
-"""Tiny LoRAs, made with peft on the tiny checkpoints and saved as people's files are (diffusers/peft keys, and
-one kohya-format SD1.5 file)."""
+"""Tiny LoRAs, made with peft on the tiny checkpoints and saved as people's files are (diffusers/peft keys, which
+ai-toolkit also writes for FLUX.1; one kohya-format SD1.5 file; one XLabs-format file per FLUX model)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,16 @@ LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
 @dataclass(frozen=True)
 class LoraRecipe:
     """One tiny LoRA: rank and alpha (alpha != rank, so the alpha/r factor is tested) per component kind;
-    `kohya` saves it in kohya/A1111 keys (through diffusers' own converter) instead of diffusers/peft ones."""
+    `kohya` saves it in kohya/A1111 keys (through diffusers' own converter) instead of diffusers/peft ones;
+    `xlabs` writes XLabs' FLUX keys (no library writes them, and peft cannot make their shared q/k/v down weight):
+    random weights for every double block's image and text attention, `alpha` unused (XLabs has none)."""
 
     rank: int
     alpha: float
     denoiser: tuple[str, ...] | None = None  # None: the family's default targets; (): no denoiser weights
     text: bool = False
     kohya: bool = False
+    xlabs: bool = False
 
 
 TINY_LORAS: Mapping[str, LoraRecipe] = {
@@ -47,12 +50,14 @@ TINY_LORAS: Mapping[str, LoraRecipe] = {
     "text": LoraRecipe(rank=4, alpha=6, denoiser=(), text=True),  # every LoRA-loadable text encoder only
 }
 KOHYA_LORA = ("kohya", LoraRecipe(rank=4, alpha=4, text=True, kohya=True))  # SD1.5 only
-LORA_FORMAT_VERSION = 1  # bump whenever the tiny LoRAs change: part of their cache path
+XLABS_LORA = ("xlabs", LoraRecipe(rank=4, alpha=4, denoiser=(), xlabs=True))  # FLUX only
+LORA_FORMAT_VERSION = 2  # bump whenever the tiny LoRAs change: part of their cache path
 
 
 def tiny_lora_recipes(model_name: str) -> Mapping[str, LoraRecipe]:
     spec = get_spec(model_name)
-    return {**TINY_LORAS, **(dict([KOHYA_LORA]) if spec.name == "stable-diffusion-v1.5" else {})}
+    extra = [KOHYA_LORA] if spec.name == "stable-diffusion-v1.5" else [XLABS_LORA] if spec.family.name == "flux" else []
+    return {**TINY_LORAS, **dict(extra)}
 
 
 def build_tiny_loras(model_name: str, checkpoint: Path, directory: Path) -> list[Path]:
@@ -95,7 +100,11 @@ def write_lora(model_name: str, checkpoint: Path, name: str, recipe: LoraRecipe,
             layers[component] = get_peft_model_state_dict(model)
             metadata[component] = config.to_dict()
     path = directory / f"{name}.safetensors"
-    if recipe.kohya:
+    if recipe.xlabs:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f"{spec.name}/{name}".encode()))
+            save_file(_xlabs_weights(pipeline.transformer.config, recipe.rank), path)
+    elif recipe.kohya:
         peft_keys = {f"{c}.{key}": value for c, state in layers.items() for key, value in state.items()}
         save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(peft_keys).items()}, path)
     else:
@@ -104,3 +113,18 @@ def write_lora(model_name: str, checkpoint: Path, name: str, recipe: LoraRecipe,
             **{f"{c}_lora_adapter_metadata": meta for c, meta in metadata.items()},
         )
     return path
+
+
+def _xlabs_weights(config, rank: int) -> dict[str, torch.Tensor]:
+    """XLabs keys: per double block and stream (1: image, 2: text) a q/k/v LoRA with one down weight for the
+    three and their up weights stacked, and an output projection LoRA; scaled so each delta is about as large
+    as the weight it adapts."""
+    dim = config.num_attention_heads * config.attention_head_dim
+    weights = {}
+    for block in range(config.num_layers):
+        for stream in (1, 2):
+            for kind, outputs in (("qkv", 3 * dim), ("proj", dim)):
+                key = f"double_blocks.{block}.processor.{kind}_lora{stream}"
+                weights[f"{key}.down.weight"] = torch.randn(rank, dim) / dim**0.5
+                weights[f"{key}.up.weight"] = torch.randn(outputs, rank) / rank**0.5
+    return weights

@@ -111,7 +111,7 @@ def test_every_tiny_lora_is_random_and_changes_the_image(lora_runner, tiny_lora_
     part = lora_part(runner)
     for lora in tiny_lora_recipes(name):
         weights = load_file(tiny_lora_dir(name) / f"{lora}.safetensors")
-        ups = [t for key, t in weights.items() if "lora_B" in key or "lora_up" in key]
+        ups = [t for key, t in weights.items() if any(up in key for up in ("lora_B", "lora_up", ".up."))]
         assert ups and all(t.abs().max() > 0 for t in ups), lora
         changed = pixels(run_alone(runner, request(name=name, loras=[(lora, 1.0)])))
         assert max_diff(changed, base) > 10 * PIXEL_TOLERANCE, lora
@@ -135,6 +135,16 @@ def test_kohya_file_matches_diffusers(lora_runner, tiny_root, tiny_lora_dir):
     loras = [("kohya", 0.8)]
     kiln = pixels(run_alone(lora_runner(SD), request(loras=loras)))
     reference = reference_image(reference_pipeline(tiny_root, tiny_lora_dir, SD, loras), SD)
+    assert max_diff(kiln, reference) <= PIXEL_TOLERANCE
+
+
+def test_xlabs_flux_file_matches_diffusers(lora_runner, tiny_root, tiny_lora_dir):
+    """An XLabs-keyed FLUX file (shared q/k/v down weights, both attention streams of every double block) is
+    read by diffusers' conversion like diffusers, per row beside a diffusers-format LoRA."""
+    flux = FAMILY_MODELS["flux"]
+    loras = [("xlabs", 0.9), ("detail", 0.5)]
+    kiln = pixels(run_alone(lora_runner(flux), request(name=flux, loras=loras)))
+    reference = reference_image(reference_pipeline(tiny_root, tiny_lora_dir, flux, loras), flux)
     assert max_diff(kiln, reference) <= PIXEL_TOLERANCE
 
 
