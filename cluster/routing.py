@@ -1,5 +1,5 @@
 """Which replica takes a request: the one with the least pending work, preferring one that holds the request's
-LoRAs, then one whose lane is open.
+LoRAs (or most of them), then one whose lane is open.
 
 Serve's default router compares queue lengths (requests in flight), which counts a 1-step 64x64 request the same
 as a 50-step 1024x1024 one. Replicas here report their pending work (images x steps x pixels, less what is done),
@@ -37,22 +37,22 @@ def rank(replicas: Mapping[Hashable, Mapping[str, Any]], lane: Sequence[int] | N
     """Replica ids, best first. A preference wins over less work only on a replica whose pending work is within
     twice the least plus the request's own `work` (worth a join or a load saved, not a queue; and a replica that
     has just finished a request like this one may still be seen with its work). Among those, first one holding
-    every LoRA of the request (elsewhere the job waits until they are read and in a slot), then one with an open
-    lane of the request's key. `replicas` maps id -> {"pending_work": float, "open_lanes": [[w, h], ...],
-    "loras": [name, ...]}."""
+    every LoRA of the request (elsewhere the job waits until they are read and in a slot), else one holding the
+    most of them (fewer to load), then one with an open lane of the request's key. `replicas` maps id ->
+    {"pending_work": float, "open_lanes": [[w, h], ...], "loras": [name, ...]}."""
     if not replicas:
         return []
     least = min(stats.get("pending_work", 0.0) for stats in replicas.values())
     wanted = set(loras)
 
-    def key(replica_id: Hashable) -> tuple[bool, bool, bool, float]:
+    def key(replica_id: Hashable) -> tuple[bool, int, bool, float]:
         stats = replicas[replica_id]
         pending = stats.get("pending_work", 0.0)
         if pending > 2 * least + work:
-            return (True, True, True, pending)
-        holds = wanted <= set(stats.get("loras", ()))
+            return (True, len(wanted), True, pending)
+        missing = len(wanted - set(stats.get("loras", ())))
         joins = lane is not None and list(lane) in [list(open_lane) for open_lane in stats.get("open_lanes", ())]
-        return (False, not holds, not joins, pending)
+        return (False, missing, not joins, pending)
 
     return sorted(replicas, key=key)
 

@@ -154,6 +154,9 @@ def test_routing_prefers_a_replica_holding_the_loras_while_it_is_not_too_busy() 
                "b": {"pending_work": 50.0, "loras": ["text", "style", "detail"]}}
     assert rank(stacked, [64, 64], ["detail", "style"], work) == ["b", "a"]
     assert rank(stacked, [64, 64], ["style"], work) == ["a", "b"]
+    # Where no replica holds the whole set, the one that holds more of it loads fewer, lanes coming after.
+    partial = {"a": {"pending_work": 0.0, "open_lanes": [[64, 64]]}, "b": {"pending_work": 0.0, "loras": ["style"]}}
+    assert rank(partial, [64, 64], ["detail", "style"], work) == ["b", "a"]
 
 
 def test_a_burst_for_one_lora_spreads_over_both_replicas() -> None:
