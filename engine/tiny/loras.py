@@ -99,11 +99,10 @@ def write_lora(model_name: str, checkpoint: Path, name: str, recipe: LoraRecipe,
             model.add_adapter(config)
             layers[component] = get_peft_model_state_dict(model)
             metadata[component] = config.to_dict()
+        xlabs = _xlabs_weights(pipeline.transformer.config, recipe.rank) if recipe.xlabs else None
     path = directory / f"{name}.safetensors"
-    if recipe.xlabs:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(f"{spec.name}/{name}".encode()))
-            save_file(_xlabs_weights(pipeline.transformer.config, recipe.rank), path)
+    if xlabs is not None:
+        save_file(xlabs, path)
     elif recipe.kohya:
         peft_keys = {f"{c}.{key}": value for c, state in layers.items() for key, value in state.items()}
         save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(peft_keys).items()}, path)
