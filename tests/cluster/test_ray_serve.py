@@ -203,6 +203,7 @@ def test_a_killed_replica_under_load(front, ray_cluster, pair) -> None:
 
         wait_until(some_replica_busy, "a replica's report of its jobs", 30)
         victim = max(before, key=lambda r: active.get(r["id"], 0))
+        assert active.get(victim["id"], 0) > 0, active
         os.kill(victim["pid"], signal.SIGKILL)
         responses = [future.result() for future in plain]
         for reader in readers:
