@@ -34,8 +34,8 @@ def tiny_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lora_dir(tiny_root):
-    """name -> the folder of that catalogue model's tiny LoRAs (style, detail, text; SD1.5 also kohya, FLUX xlabs), built once
-    (engine.tiny.tiny_loras) beside the tiny checkpoints."""
+    """name -> the folder of that catalogue model's tiny LoRAs (style, detail, text; SD1.5 also kohya, FLUX
+    xlabs), built once (engine.tiny.tiny_loras) beside the tiny checkpoints."""
     from kiln.engine.tiny import tiny_loras
 
     return lambda name: tiny_loras(name, cache_root=tiny_root)

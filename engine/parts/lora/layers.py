@@ -15,10 +15,10 @@ change (it always computes all K slots at full R: slot 0 adds exact zeros). Eage
 adapter touches, compute only the rank some row uses, and pick by cost (KERNEL_FLOPS per kernel, ELEMENT_FLOPS
 per element of per-row weight copies) between that gather (5 kernels), running the used slots densely for every
 row with per-row scales (3 kernels, no per-row copies) and, for small layers, merging each row's delta weight
-sum_k scale_k B_k A_k and applying it with one batched matmul (2-3 kernels). The last two run in float32 only: in half precision a neighbour's adapter could overflow into
-inf x 0 = NaN in a row that does not use it, so half precision always gathers. A row without LoRA therefore
-gets exactly its base output, whatever its neighbours carry. Rows must be the first dimension at every adapted
-layer, as in the denoisers and text encoders.
+sum_k scale_k B_k A_k and applying it with one batched matmul (2-3 kernels). The last two run in float32 only:
+in half precision a neighbour's adapter could overflow into inf x 0 = NaN in a row that does not use it, so half
+precision always gathers. A row without LoRA therefore gets exactly its base output, whatever its neighbours
+carry. Rows must be the first dimension at every adapted layer, as in the denoisers and text encoders.
 """
 
 from __future__ import annotations
